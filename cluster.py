@@ -1,0 +1,386 @@
+"""
+The mixture model of SiamMM: a von Mises-Fisher (vMF) mixture over the unit-norm momentum
+features z_i, refit once per epoch (sec. 4, 5.1).
+
+    fit()      E/M steps: spherical k-means (Lloyd) with Faiss doing the nearest-centroid
+               search, warm-started from last epoch's centroids (sec. 4.3), then the vMF
+               MLE of mu_k (eq. 6) and kappa_k (eq. 7, or its PCA form eq. 16)
+    assign()   each sample's s nearest centroids N_i and weights w_ik (eq. 8 / 10)
+    merge()    mean-minus-lambda-sigma merging of close centroids (eq. 11, sec. 4.2)
+
+Scale (ImageNet: N = 1.28M, D = 256, K0 = 100,000) shapes the code:
+- Under torch.distributed every rank passes only its own shard of features. Every M-step
+  quantity is a sum over samples (r_k, n_k, the D x D second moment for PCA, the objective),
+  so ranks all-reduce K x D or D x D tensors and no rank ever holds the N x D matrix.
+  With no process group the same code runs on one process.
+- Merging never forms the K x K distance matrix: E[d] and sigma[d] come from sums
+  (SPEC 2.8) and candidate pairs from a Faiss nearest-neighbour search among centroids.
+
+The vMF density (eq. 2-4): f(z | mu, kappa) = C_D(kappa) exp(kappa mu.z).
+"""
+
+import math
+
+import faiss
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def _dist():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(t):
+    """Sum over ranks in place (no-op on one process). Tensors live on the device of the
+    process group's backend: callers pass CPU tensors for gloo and CUDA tensors for NCCL."""
+    if _dist():
+        dist.all_reduce(t)
+    return t
+
+
+def _reduce_device():
+    """NCCL only reduces CUDA tensors; gloo reduces CPU ones."""
+    if _dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def knn_search(queries, database, k):
+    """Exact inner-product search with Faiss: for each query row, the k database rows with
+    the largest dot product (= cosine similarity for unit vectors). Returns (sims, ids) as
+    numpy arrays. On the GPU when Faiss was built with GPU support and sees one (faiss-gpu
+    on a GPU machine), on the CPU otherwise."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    db = np.ascontiguousarray(database, dtype=np.float32)
+    index = faiss.IndexFlatIP(db.shape[1])
+    if _on_gpu():
+        dev = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), dev, index)
+    index.add(db)
+    return index.search(q, k)
+
+
+def close_pairs(centroids, thresh, neighbours=5, exact_max=20000, seed=0):
+    """Candidate pairs (j < k) of unit centroids with d_jk = 1 - mu_j.mu_k < thresh, as
+    numpy arrays (rows, cols, d). Only close pairs matter for eq. 11, so the K x K matrix
+    is never formed:
+    - K <= exact_max, or Faiss on a GPU: each centroid's `neighbours` nearest centroids by
+      exact search (each cluster merges at most once per call, so a few suffice);
+    - larger K on a CPU: exact all-pairs search at K = 100,000 is 2.6e12 flops (tens of
+      seconds on 2 cores). Instead a coarse spherical k-means (Faiss) cuts the sphere into
+      sqrt(K) cells and pairs are compared inside each cell, one small matrix product per
+      cell (~1/sqrt(K) of the work). A close pair split by a cell border is missed this
+      time and found at a later epoch's merge, with other cells."""
+    K, D = centroids.shape
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    if K <= exact_max or _on_gpu():
+        sims, ids = knn_search(c, c, min(neighbours + 1, K))
+        rows = np.repeat(np.arange(K), ids.shape[1])
+        cols, d = ids.reshape(-1), 1 - sims.reshape(-1)
+    else:
+        ncell = int(math.sqrt(K))
+        km = faiss.Kmeans(D, ncell, niter=10, spherical=True, seed=seed, max_points_per_centroid=32)
+        km.train(c)
+        _, cell = km.index.search(c, 1)
+        order = np.argsort(cell[:, 0], kind="stable")
+        bounds = np.searchsorted(cell[order, 0], np.arange(ncell + 1))
+        rows, cols, d = [], [], []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            members = order[lo:hi]
+            if len(members) < 2:
+                continue
+            cm = torch.from_numpy(c[members])
+            sim = (cm @ cm.T).fill_diagonal_(-2)
+            nn = min(neighbours, len(members) - 1)               # each member's nearest in the cell
+            s, k = sim.topk(nn, dim=1)
+            rows.append(np.repeat(members, nn)), cols.append(members[k.numpy().reshape(-1)])
+            d.append(1 - s.numpy().reshape(-1))
+        rows, cols, d = np.concatenate(rows), np.concatenate(cols), np.concatenate(d)
+    lo, hi = np.minimum(rows, cols), np.maximum(rows, cols)
+    ok = (cols >= 0) & (lo != hi) & (d < thresh)
+    # the same pair can come from both of its ends: keep it once
+    key = np.unique(lo[ok].astype(np.int64) * K + hi[ok], return_index=True)[1]
+    return lo[ok][key], hi[ok][key], d[ok][key]
+
+
+def greedy_matching(rows, cols, d, n, max_pairs=None):
+    """Closest pairs first, each node in at most one pair: the greedy matching over the
+    candidate pairs sorted by distance, computed in vectorised rounds. In each round a pair
+    is taken when it is the closest remaining pair of both its ends (the greedy order would
+    take it: nothing closer touches either end); then every pair touching a taken node is
+    dropped. Returns the two index arrays of the chosen pairs, closest first."""
+    order = np.argsort(d, kind="stable")
+    d_rows, d_cols = rows[order], cols[order]                # rank r = r-th closest pair
+    rows, cols, rank = d_rows, d_cols, np.arange(len(order))
+    taken = []
+    while len(rank):
+        best = np.full(n, len(order))
+        np.minimum.at(best, rows, rank)
+        np.minimum.at(best, cols, rank)
+        sel = (best[rows] == rank) & (best[cols] == rank)
+        taken.append(rank[sel])
+        used = np.zeros(n, dtype=bool)
+        used[rows[sel]] = used[cols[sel]] = True
+        keep = ~(used[rows] | used[cols])
+        rows, cols, rank = rows[keep], cols[keep], rank[keep]
+    taken = np.sort(np.concatenate(taken + [np.zeros(0, np.int64)]))[:max_pairs]
+    return d_rows[taken], d_cols[taken]
+
+
+def _on_gpu():
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+_GPU_RES = None
+
+
+def _gpu_resources():
+    global _GPU_RES
+    if _GPU_RES is None:
+        _GPU_RES = faiss.StandardGpuResources()
+    return _GPU_RES
+
+
+def kappa_mle(rbar, dim):
+    """Eq. 7 (Banerjee et al. 2005): kappa = rbar (d - rbar^2) / (1 - rbar^2), with rbar the
+    mean resultant length ||r_k|| / n_k of the cluster and d the dimension of the sphere."""
+    return rbar * (dim - rbar ** 2) / (1 - rbar ** 2)
+
+
+class VMFMixture:
+    """State: centroids mu (K x D, unit norm), counts n_k, kappa_k, and K per epoch.
+
+    kappa_mode: "pca" (eq. 16, appendix 10.1), "mle" (eq. 7), "const" (Table 7's ablation).
+    reinit: the PCL-style ablation (Table 7, Fig. 7): fresh random init every epoch with
+    nredo restarts, keeping the best objective, instead of the warm start of sec. 4.3.
+    """
+
+    def __init__(self, dim, num_clusters, kappa_mode="pca", pca_dim=150, init_iters=20,
+                 iters=3, tol=1e-4, reinit=False, nredo=5, kappa_clip=10.0, seed=0):
+        if kappa_mode not in ("pca", "mle", "const"):
+            raise ValueError(f"unknown --kappa {kappa_mode!r}: pca, mle or const")
+        self.dim, self.num_clusters = dim, num_clusters
+        self.kappa_mode, self.pca_dim = kappa_mode, min(pca_dim, dim)
+        self.init_iters, self.iters, self.tol = init_iters, iters, tol
+        self.reinit, self.nredo, self.kappa_clip, self.seed = reinit, nredo, kappa_clip, seed
+        self.centroids = None                      # K x D float32, unit rows
+        self.counts = None                         # K, int64
+        self.kappa = None                          # K, float32 (raw estimate)
+        self.objective = float("nan")              # mean cosine of samples to their centroid
+        self.k_history = []                        # K after each epoch's fit and merge
+        self.n_iter = 0                            # Lloyd iterations of the last fit
+        self.fits = 0                              # how many times fit() ran (seeds the inits)
+
+    # ------------------------------------------------------------------ E/M steps
+    def _check(self, feats, index, n_total):
+        if feats.ndim != 2 or feats.shape[1] != self.dim:
+            raise ValueError(f"features have shape {tuple(feats.shape)}, the mixture expects D = {self.dim}: "
+                             "a checkpoint from a model with another --dim?")
+        if not torch.isfinite(feats).all():
+            raise ValueError("features contain NaN or inf: the encoder has diverged (lower --lr, or resume an earlier checkpoint)")
+        if index.shape[0] != feats.shape[0]:
+            raise ValueError("index and features differ in length")
+        if self.num_clusters > n_total:
+            raise ValueError(f"--num-clusters {self.num_clusters} is larger than the number of samples N = {n_total}: "
+                             "use fewer clusters")
+
+    def _stats(self, feats, centroids):
+        """One E-step (hard, eq. 8) on this rank's shard, then the all-reduced M-step sums.
+
+        Returns r (K x D, sum of member features, float64), n (K,), sum of max cosine."""
+        sims, ids = knn_search(feats.numpy(), centroids.numpy(), 1)
+        ids = torch.from_numpy(ids[:, 0]).long()
+        dev = _reduce_device()
+        K = centroids.shape[0]
+        r = torch.zeros(K, self.dim, dtype=torch.float64).index_add_(0, ids, feats.double())
+        n = torch.bincount(ids, minlength=K).double()
+        obj = torch.tensor([float(sims[:, 0].astype(np.float64).sum())], dtype=torch.float64)
+        r, n, obj = (_all_reduce(t.to(dev)).cpu() for t in (r, n, obj))
+        return r, n, obj.item()
+
+    def _lloyd(self, feats, centroids, iters, n_total):
+        """Spherical k-means from the given centroids: each iteration is an E-step (nearest
+        centroid by cosine, eq. 8) and an M-step mu_k = r_k / ||r_k|| (eq. 6). An empty
+        cluster keeps its centroid (it may win points back); stops early once the mean
+        cosine improves by less than tol. Returns centroids, final r, n, objective, iterations."""
+        prev = -float("inf")
+        it = 0
+        r, n, obj = self._stats(feats, centroids)
+        for it in range(1, iters + 1):
+            nonempty = n > 0
+            new = centroids.clone()
+            new[nonempty] = torch.nn.functional.normalize(r[nonempty], dim=1).float()
+            centroids = new
+            r, n, obj = self._stats(feats, centroids)
+            if obj / n_total - prev < self.tol:
+                break
+            prev = obj / n_total
+        return centroids, r, n, obj, it
+
+    def _random_init(self, feats, index, n_total, seed):
+        """K0 features chosen uniformly at random from all N (Faiss's own init). The choice
+        depends only on the seed and N, not on how the data is sharded over ranks: every
+        rank draws the same global ids and contributes the rows it owns."""
+        g = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(n_total, generator=g)[: self.num_clusters]
+        slot = torch.full((n_total,), -1, dtype=torch.long)
+        slot[chosen] = torch.arange(self.num_clusters)
+        mine = slot[index]
+        init = torch.zeros(self.num_clusters, self.dim, dtype=torch.float32)
+        init[mine[mine >= 0]] = feats[mine >= 0]
+        return _all_reduce(init.to(_reduce_device())).cpu()
+
+    @torch.no_grad()
+    def fit(self, feats, index, n_total):
+        """This epoch's E/M steps on this rank's features.
+
+        feats: (n_local x D) unit-norm momentum features; index: (n_local,) their dataset
+        indices (distinct over all ranks: no sampler padding); n_total: N over all ranks.
+        First call: k-means from a random init (init_iters iterations). Later calls: warm
+        start from the previous centroids with `iters` iterations (sec. 4.3), or with
+        reinit=True, fresh k-means with nredo restarts keeping the best objective (PCL).
+        Then drops empty clusters and estimates kappa (eq. 7 / 16)."""
+        feats = feats.float().cpu().contiguous()
+        index = index.long().cpu()
+        self._check(feats, index, n_total)
+        if self.centroids is None or self.reinit:
+            best = None
+            for redo in range(self.nredo if self.reinit else 1):
+                init = self._random_init(feats, index, n_total, self.seed + 1000 * self.fits + redo)
+                out = self._lloyd(feats, init, self.init_iters, n_total)
+                if best is None or out[3] > best[3]:
+                    best = out
+            centroids, r, n, obj, it = best
+        else:
+            centroids, r, n, obj, it = self._lloyd(feats, self.centroids, self.iters, n_total)
+        self.fits += 1
+        keep = n > 0                                   # empty clusters have pi_k = 0: drop them
+        self.centroids, self.counts = centroids[keep].contiguous(), n[keep].long()
+        self.objective, self.n_iter = obj / n_total, it
+        self.kappa = self._kappa(feats, r[keep], n[keep], n_total)
+        return self
+
+    def _kappa(self, feats, r, n, n_total):
+        """Per-cluster concentration from the cluster sums r_k, n_k.
+
+        mle (eq. 7): rbar_k = ||r_k|| / n_k in D dimensions.
+        pca (eq. 16): the dimensions of z are correlated, so D overstates the sphere's
+        effective dimension. Project the resultant r_k on the top d' principal components
+        of all features (the PCA comes from the all-reduced D x D second moment) and use
+        rbar'_k = ||P^T r_k|| / n_k with d' in place of D (the paper keeps d' = 150 of 256).
+        Guards: a singleton cluster has rbar = 1 and kappa = inf, so it (and any non-finite
+        value) takes the median kappa of the other clusters; rbar is clamped below 1.
+        """
+        K = r.shape[0]
+        if self.kappa_mode == "const":
+            return torch.ones(K)
+        dim = self.dim
+        if self.kappa_mode == "pca":
+            dev = _reduce_device()
+            f = feats.double()
+            s1 = _all_reduce(f.sum(0).to(dev)).cpu()
+            s2 = _all_reduce((f.T @ f).to(dev)).cpu()
+            mean = s1 / n_total
+            cov = s2 / n_total - torch.outer(mean, mean)
+            _, vecs = torch.linalg.eigh(cov)               # ascending eigenvalues
+            P = vecs[:, -self.pca_dim:]                    # D x d'
+            r = r @ P
+            dim = self.pca_dim
+        rbar = (r.norm(dim=1) / n).clamp(max=1 - 1e-6)
+        kappa = kappa_mle(rbar, dim)
+        bad = (n < 2) | ~torch.isfinite(kappa)
+        if bad.all():
+            return torch.ones(K)
+        kappa[bad] = kappa[~bad].median()
+        return kappa.float()
+
+    def kappa_for_loss(self):
+        """kappa normalised to mean 1 over clusters (SPEC 2.3), so the cluster loss has the
+        same scale whatever D and the data, clipped at kappa_clip times the mean so that a
+        few very tight clusters cannot dominate (PCL clips its concentration too)."""
+        k = self.kappa / self.kappa.mean()
+        return k.clamp(max=self.kappa_clip)
+
+    # ------------------------------------------------------------------ assignment
+    @torch.no_grad()
+    def assign(self, feats, s=1, tau=0.1, prior=False):
+        """Each sample's s nearest centroids N_i (by cosine) and its weights (eq. 10; s = 1
+        is the hard assignment of eq. 8). Returns nbr (n x s) int64 and w (n x s) float32."""
+        from loss import assignment_weights  # eq. 10 lives in loss.py, next to eq. 9
+        s = min(s, self.centroids.shape[0])
+        _, ids = knn_search(feats.float().cpu().numpy(), self.centroids.numpy(), s)
+        nbr = torch.from_numpy(ids).long()
+        log_prior = torch.log(self.counts.float() / self.counts.sum()) if prior else None
+        w = assignment_weights(feats.float().cpu(), self.centroids, self.kappa_for_loss(), nbr, tau, log_prior)
+        return nbr, w
+
+    # ------------------------------------------------------------------ merging
+    def distance_moments(self):
+        """Mean and standard deviation of d_jk = 1 - mu_j.mu_k over all pairs j < k, exactly,
+        without the K x K matrix (SPEC 2.8). With M the K x D matrix of unit centroids:
+            sum_{j != k} mu_j.mu_k     = ||sum_j mu_j||^2 - K
+            sum_{j != k} (mu_j.mu_k)^2 = ||M^T M||_F^2 - K
+        and each unordered pair appears twice in the ordered sums."""
+        M = self.centroids
+        K = M.shape[0]
+        pairs = K * (K - 1)
+        s1 = (M.double().sum(0).square().sum() - K) / pairs     # E[cos]
+        s2 = ((M.T @ M).double().square().sum() - K) / pairs    # E[cos^2] (D x D product in fp32)
+        mean_d = 1 - s1                                         # E[1 - cos]
+        var_d = (s2 - s1 ** 2).clamp(min=0)                     # Var[1 - cos] = Var[cos]
+        return mean_d.item(), var_d.sqrt().item()
+
+    @torch.no_grad()
+    def merge(self, lam, neighbours=5, min_clusters=1):
+        """Eq. 11: merge clusters j and k if d_jk < E[d] - lam sigma[d] (sec. 4.2).
+
+        Candidate pairs are each centroid's `neighbours` nearest centroids (Faiss), so only
+        close pairs are ever looked at. Closest pairs first; each cluster takes part in at
+        most one merge per call, so K shrinks gradually; never below min_clusters. The merged
+        centroid is the count-weighted mean of the two, renormalised; counts add up; kappa
+        is the count-weighted mean until the next fit re-estimates it.
+        Returns (number of merges, threshold)."""
+        K = self.centroids.shape[0]
+        if K < 3 or K <= min_clusters:
+            return 0, float("nan")
+        mean_d, std_d = self.distance_moments()
+        thresh = mean_d - lam * std_d
+        rows, cols, d = close_pairs(self.centroids.numpy(), thresh, neighbours, seed=self.seed)
+        a, b = greedy_matching(rows, cols, d, K, max_pairs=K - min_clusters)
+        if len(a) == 0:
+            return 0, thresh
+        a, b = torch.from_numpy(a), torch.from_numpy(b)
+        na, nb = self.counts[a].double(), self.counts[b].double()
+        mu = self.centroids
+        merged = torch.nn.functional.normalize(na[:, None] * mu[a].double() + nb[:, None] * mu[b].double(), dim=1)
+        kap = (na * self.kappa[a].double() + nb * self.kappa[b].double()) / (na + nb).clamp(min=1)
+        self.centroids[a] = merged.float()
+        self.kappa[a] = kap.float()
+        self.counts[a] = self.counts[a] + self.counts[b]
+        keep = torch.ones(K, dtype=torch.bool)
+        keep[b] = False
+        self.centroids = self.centroids[keep].contiguous()
+        self.counts, self.kappa = self.counts[keep], self.kappa[keep]
+        return len(a), thresh
+
+    # ------------------------------------------------------------------ state
+    def summary(self):
+        """What the training log records every epoch (collapse shows as one giant cluster)."""
+        c = self.counts.float()
+        return {"K": int(self.centroids.shape[0]), "objective": self.objective, "kmeans_iters": self.n_iter,
+                "cluster_min": int(c.min()), "cluster_median": float(c.median()), "cluster_max": int(c.max()),
+                "kappa_min": float(self.kappa.min()), "kappa_median": float(self.kappa.median()),
+                "kappa_max": float(self.kappa.max())}
+
+    def state_dict(self):
+        return {"centroids": self.centroids, "counts": self.counts, "kappa": self.kappa,
+                "objective": self.objective, "k_history": list(self.k_history), "fits": self.fits,
+                "dim": self.dim}
+
+    def load_state_dict(self, sd):
+        if sd.get("dim", self.dim) != self.dim:
+            raise ValueError(f"saved cluster state has D = {sd['dim']}, this model has D = {self.dim}: "
+                             "resume with the same --dim")
+        self.centroids, self.counts, self.kappa = sd["centroids"], sd["counts"], sd["kappa"]
+        self.objective, self.k_history, self.fits = sd["objective"], list(sd["k_history"]), sd["fits"]

@@ -1,0 +1,207 @@
+"""
+Data for train.py and evaluate.py (one place, so both read a data set the same way).
+
+- fashion-mnist (the embedded default): the idx files of the Debian package
+  `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist), or of --data-dir, or
+  torchvision's download when --download is given and the machine is online.
+- folder / imagenet: a torchvision ImageFolder with train/ and val/ (one sub-folder per class).
+
+Labels are read only for evaluation; training never looks at them. Every dataset returns
+(image, label, index): the index lets the per-epoch feature pass write each feature to its
+sample exactly once and lets the training step look up each sample's cluster assignment.
+MoCo v3's augmentations (two asymmetric views) are built here too.
+"""
+
+import gzip
+import os
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image, ImageFilter, ImageOps
+from torchvision import datasets
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)   # the Fashion-MNIST train split's statistics
+
+
+class DataError(Exception):
+    """A problem with the user's data: printed as one line, no traceback."""
+
+
+def _read_idx(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(root, stem):
+    for name in (stem, stem + ".gz"):
+        for sub in ("", "raw", "FashionMNIST/raw"):
+            p = os.path.join(root, sub, name)
+            if os.path.exists(p):
+                return p
+    return None
+
+
+class FashionMNIST(torch.utils.data.Dataset):
+    """Fashion-MNIST from its idx files (28 x 28 grayscale, 10 classes, 60k train / 10k test)."""
+
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+    def __init__(self, root, train=True, transform=None, download=False):
+        split = "train" if train else "t10k"
+        roots = [root] if root else [DEBIAN_FASHION_MNIST]
+        img_path = lbl_path = None
+        for r in roots:
+            img_path = _find_idx(r, f"{split}-images-idx3-ubyte")
+            lbl_path = _find_idx(r, f"{split}-labels-idx1-ubyte")
+            if img_path and lbl_path:
+                break
+        if not (img_path and lbl_path) and download:
+            # online users: torchvision fetches the same idx files into root
+            target = root or "./data"
+            datasets.FashionMNIST(target, train=train, download=True)
+            img_path = _find_idx(target, f"{split}-images-idx3-ubyte")
+            lbl_path = _find_idx(target, f"{split}-labels-idx1-ubyte")
+        if not (img_path and lbl_path):
+            where = root or DEBIAN_FASHION_MNIST
+            raise DataError(f"no Fashion-MNIST {split} idx files in {where}: run "
+                            "`apt-get install dataset-fashion-mnist`, pass --data-dir, or add --download when online")
+        self.images = _read_idx(img_path)
+        self.targets = torch.from_numpy(_read_idx(lbl_path).astype(np.int64))
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def image(self, i):
+        return Image.fromarray(self.images[i], mode="L")
+
+    def __getitem__(self, i):
+        img = self.image(i)
+        return (self.transform(img) if self.transform else img), int(self.targets[i]), i
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision ImageFolder that also returns the index and names an unreadable file."""
+
+    def image(self, i):
+        path = self.samples[i][0]
+        try:
+            return self.loader(path)
+        except Exception as e:  # PIL raises several types; the user needs the file name
+            raise DataError(f"cannot read image {path}: {e}") from None
+
+    def __getitem__(self, i):
+        img = self.image(i)
+        return (self.transform(img) if self.transform else img), self.targets[i], i
+
+
+def load_dataset(name, data_dir, split, transform=None, download=False):
+    """The dataset `name` ('fashion-mnist', 'folder' or 'imagenet'), split 'train' or 'val'."""
+    if name == "fashion-mnist":
+        if data_dir and not os.path.isdir(data_dir):
+            raise DataError(f"--data-dir {data_dir} does not exist")
+        return FashionMNIST(data_dir, train=(split == "train"), transform=transform, download=download)
+    if name in ("folder", "imagenet"):
+        if not data_dir:
+            raise DataError(f"--data {name} needs --data-dir pointing at a folder with train/ and val/")
+        root = os.path.join(data_dir, split)
+        if not os.path.isdir(root):
+            raise DataError(f"{root} does not exist: --data-dir must hold train/ and val/ sub-folders, one folder per class")
+        try:
+            return ImageFolder(root, transform=transform)
+        except (FileNotFoundError, RuntimeError) as e:  # torchvision: no class folders / no images
+            raise DataError(f"{root} holds no images in class sub-folders ({e})") from None
+    raise DataError(f"unknown --data {name!r}: fashion-mnist, folder or imagenet")
+
+
+def in_channels(name):
+    return 1 if name == "fashion-mnist" else 3
+
+
+class Solarize:
+    def __call__(self, img):
+        return ImageOps.solarize(img)
+
+
+class GaussianBlur:
+    """MoCo v3 / SimCLR blur: radius drawn from [0.1, 2.0] (PIL, on the image before ToTensor)."""
+
+    def __call__(self, img):
+        # torch's RNG, so a resumed run (which restores it) draws the same radii
+        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(0.1, 2.0))))
+
+
+def _normalize(name):
+    mean, std = (FMNIST_MEAN, FMNIST_STD) if name == "fashion-mnist" else (IMAGENET_MEAN, IMAGENET_STD)
+    return T.Normalize(mean, std)
+
+
+def moco_v3_view(name, size, blur_p, solarize_p, crop_min=0.08):
+    """One view of MoCo v3's asymmetric augmentation (view 1: blur 1.0, solarise 0.0;
+    view 2: blur 0.1, solarise 0.2). Colour jitter acts as brightness/contrast on grayscale."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(crop_min, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([GaussianBlur()], p=blur_p),
+        T.RandomApply([Solarize()], p=solarize_p),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        _normalize(name),
+    ])
+
+
+class TwoViews:
+    def __init__(self, t1, t2):
+        self.t1, self.t2 = t1, t2
+
+    def __call__(self, img):
+        return self.t1(img), self.t2(img)
+
+
+def train_transform(name, size, crop_min=0.08):
+    return TwoViews(moco_v3_view(name, size, 1.0, 0.0, crop_min), moco_v3_view(name, size, 0.1, 0.2, crop_min))
+
+
+def eval_transform(name, size):
+    """Deterministic: the feature pass of every epoch and all evaluation use it. ImageNet:
+    resize to 256/224 of the size, centre crop; small images: resize to the training size."""
+    if name == "fashion-mnist":
+        return T.Compose([T.Resize(size), T.ToTensor(), _normalize(name)])
+    return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), _normalize(name)])
+
+
+def subset(ds, n, seed=0):
+    """The first n samples of a seeded permutation (no labels used), or ds itself."""
+    if not n or n >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    return IndexedSubset(ds, idx)
+
+
+class IndexedSubset(torch.utils.data.Dataset):
+    """A subset whose returned index is the position in the subset (0..n-1), so per-sample
+    tables stay dense; `targets` follows the subset."""
+
+    def __init__(self, ds, idx):
+        self.ds, self.idx = ds, idx
+        self.targets = torch.as_tensor(ds.targets)[idx]
+        self.classes = getattr(ds, "classes", None)
+
+    def __len__(self):
+        return len(self.idx)
+
+    def image(self, i):
+        return self.ds.image(int(self.idx[i]))
+
+    def __getitem__(self, i):
+        x, y, _ = self.ds[int(self.idx[i])]
+        return x, y, i

@@ -1,0 +1,131 @@
+"""
+The Siamese networks of SiamMM (sec. 3.1 and 5.1 of the paper; the MoCo v3 recipe).
+
+    online branch    x -> f (ResNet) -> g (3-layer projector) -> h (2-layer predictor) -> q
+    momentum branch  x -> f_m        -> g_m                                         -> k
+
+q and k are L2-normalised 256-d vectors on the unit sphere: the space in which cluster.py
+fits its von Mises-Fisher mixture. f_m, g_m are an exponential moving average (EMA) of f, g
+and never receive a gradient (the stop-gradient sg(.) of eq. 1 / 12).
+
+Everything here is plain torch.nn on top of torchvision's ResNets, so that the exported
+backbone (export_backbone) loads into torchvision.models.resnet50() unchanged.
+"""
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+
+def build_backbone(arch="resnet50", small_stem=False, in_chans=3):
+    """torchvision ResNet without its classifier; returns (module, feature dimension).
+
+    small_stem: for 28-64 px images (Fashion-MNIST, CIFAR) the ImageNet stem (7x7 conv
+    stride 2 + max-pool) throws away 3/4 of a 32 px image before the first block; the usual
+    fix (SimCLR's CIFAR recipe, solo-learn) is a 3x3 stride-1 conv and no max-pool.
+    in_chans: 1 for grayscale data, so no channel is replicated three times.
+    zero_init_residual: the last BN of every residual block starts at zero, so each block
+    starts as the identity (Goyal et al.; used by MoCo v3 and SimSiam).
+    """
+    if not hasattr(torchvision.models, arch) or not arch.startswith("resnet"):
+        raise ValueError(f"unknown --arch {arch!r}: use a torchvision ResNet such as resnet18 or resnet50")
+    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
+    if small_stem:
+        net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif in_chans != 3:
+        net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    dim = net.fc.in_features
+    net.fc = nn.Identity()  # the backbone ends at global average pooling: 512-d (r18), 2048-d (r50)
+    return net, dim
+
+
+def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn):
+    """Linear-BN-ReLU blocks, then a last Linear (+ BN without affine if last_bn).
+
+    This is the MoCo v3 head: linear layers that feed a BN carry no bias (BN has its own
+    shift). The projector's last BN has no affine parameters (sec. 5.1, MoCo v3), the
+    predictor's output has no BN at all.
+    """
+    layers = []
+    for i in range(num_layers):
+        d_in = in_dim if i == 0 else hidden_dim
+        last = i == num_layers - 1
+        d_out = out_dim if last else hidden_dim
+        layers.append(nn.Linear(d_in, d_out, bias=last and not last_bn))
+        if not last:
+            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+def momentum_at(t, total, m0):
+    """Cosine momentum schedule of MoCo v3 / BYOL: m(t) = 1 - (1 - m0)(1 + cos(pi t / T)) / 2.
+
+    t is the fractional epoch (updated every iteration), total = T the number of epochs;
+    m goes from m0 at t = 0 to 1 at t = T, so the targets freeze as training ends.
+    """
+    return 1.0 - (1.0 - m0) * (1.0 + math.cos(math.pi * t / total)) / 2.0
+
+
+class SiamMM(nn.Module):
+    """Online encoder f, g, predictor h, and the momentum encoder f_m, g_m (sec. 3.1)."""
+
+    def __init__(self, arch="resnet50", small_stem=False, in_chans=3,
+                 proj_hidden=4096, pred_hidden=4096, dim=256):
+        super().__init__()
+        self.arch, self.small_stem, self.in_chans = arch, small_stem, in_chans
+        self.backbone, feat_dim = build_backbone(arch, small_stem, in_chans)
+        self.feat_dim = feat_dim
+        self.projector = mlp(3, feat_dim, proj_hidden, dim, last_bn=True)    # g: 3 layers
+        self.predictor = mlp(2, dim, pred_hidden, dim, last_bn=False)        # h: 2 layers
+        # f_m, g_m start as exact copies and are only ever changed by update_momentum().
+        self.momentum_backbone = copy.deepcopy(self.backbone)
+        self.momentum_projector = copy.deepcopy(self.projector)
+        for p in self.momentum_parameters():
+            p.requires_grad = False
+
+    def momentum_parameters(self):
+        return list(self.momentum_backbone.parameters()) + list(self.momentum_projector.parameters())
+
+    def online_parameters(self):
+        """Parameters the optimiser updates: f, g, h (never the momentum copies)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("momentum_")]
+
+    @torch.no_grad()
+    def update_momentum(self, m):
+        """EMA step, per iteration: theta_m <- m theta_m + (1 - m) theta (MoCo v3)."""
+        online = list(self.backbone.parameters()) + list(self.projector.parameters())
+        torch._foreach_mul_(self.momentum_parameters(), m)
+        torch._foreach_add_(self.momentum_parameters(), online, alpha=1.0 - m)
+
+    def forward(self, x1, x2):
+        """Both views through both branches. Returns q1, q2 (online, with grad) and
+        k1, k2 (momentum, no grad), all L2-normalised: the inputs of eq. 12 and eq. 9.
+
+        Each branch sees both views in one batch-concatenated pass; BN statistics are
+        computed per view, as in MoCo v3, by running the views one after the other.
+        """
+        q1 = F.normalize(self.predictor(self.projector(self.backbone(x1))), dim=1)
+        q2 = F.normalize(self.predictor(self.projector(self.backbone(x2))), dim=1)
+        with torch.no_grad():
+            k1 = F.normalize(self.momentum_projector(self.momentum_backbone(x1)), dim=1)
+            k2 = F.normalize(self.momentum_projector(self.momentum_backbone(x2)), dim=1)
+        return q1, q2, k1, k2
+
+    @torch.no_grad()
+    def embed(self, x):
+        """z = normalize(g_m(f_m(x))): the momentum feature that the mixture model is fit
+        on each epoch (sec. 5.1; PCL and ProPos also cluster momentum features).
+        Call with the module in eval mode so BN uses its running statistics."""
+        return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=1)
+
+    def export_backbone(self):
+        """The online backbone f as a state_dict for torchvision.models.<arch>(): every key
+        except fc (load with strict=False and check that only fc.* is missing)."""
+        return {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}

@@ -1,0 +1,466 @@
+"""
+SiamMM pre-training: a Siamese ResNet with a momentum encoder, trained with the instance
+loss (eq. 12) plus the likelihood of a von Mises-Fisher mixture (eq. 9, 10) that is refit
+every epoch and merged down from K0 clusters (eq. 11). Paper: arXiv 2511.05462.
+
+On a CPU, no arguments: Fashion-MNIST (apt-get install dataset-fashion-mnist), a few minutes
+    $ python train.py
+One GPU:
+    $ python train.py --preset imagenet-100ep --data-dir /datasets/imagenet --batch-size 512
+8 GPUs on one node (the paper's setting: batch 4096, ResNet-50):
+    $ torchrun --standalone --nproc_per_node=8 train.py --preset imagenet-100ep --data-dir /datasets/imagenet
+2 nodes of 8 GPUs (run on each node, --node_rank 0 and 1):
+    $ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
+        train.py --preset imagenet-200ep --data-dir /datasets/imagenet
+Resume an interrupted run:  add --resume auto (continues from OUT_DIR/checkpoint.pth).
+
+Each epoch (sec. 5.1 "training procedure"):
+  1. feature pass: the momentum encoder embeds the training set (evaluation transform);
+     every rank embeds its own shard, each sample exactly once;
+  2. E/M step (cluster.py): k-means warm-started from last epoch's centroids (sec. 4.3),
+     mu (eq. 6) and kappa (eq. 7 / 16); each sample's s nearest centroids and weights (eq. 10);
+  3. a training epoch with L = L_inst + lambda_c L_clus (eq. 13);
+  4. merging of close clusters (eq. 11), then a checkpoint and one JSON line in log.jsonl.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+import data
+from cluster import VMFMixture
+from loss import siammm_loss
+from model import SiamMM, momentum_at
+
+# ----------------------------------------------------------------------------- config
+# Presets set defaults; any flag given on the command line wins over its preset.
+PRESETS = {
+    # The embedded default: Fashion-MNIST on a 2-core CPU in minutes. Small stem for
+    # 28 px images, small heads, a 10k-image subset, SGD (LARS needs large batches).
+    "cpu": dict(data="fashion-mnist", arch="resnet18", small_stem=True, img_size=16, subset=10000,
+                proj_hidden=512, pred_hidden=512, dim=128, pca_dim=64, batch_size=128, epochs=3,
+                optimizer="sgd", lr=0.06, weight_decay=5e-4, warmup_epochs=0, momentum=0.99,
+                num_clusters=500, crop_min=0.2, workers=2),
+    # sec. 5.1: ResNet-50, 3-layer 4096-d projector, 2-layer predictor, 256-d, K0 = 100,000,
+    # LARS (wd 1e-6, momentum 0.9), batch 4096, cosine lr, MoCo v3 augmentations. The paper's
+    # base lr values were lost in extraction; these are MoCo v3's ResNet-50 values.
+    "imagenet-100ep": dict(data="imagenet", arch="resnet50", small_stem=False, img_size=224, subset=0,
+                           proj_hidden=4096, pred_hidden=4096, dim=256, pca_dim=150, batch_size=4096,
+                           epochs=100, optimizer="lars", lr=0.6, weight_decay=1e-6, warmup_epochs=10,
+                           momentum=0.99, num_clusters=100000, crop_min=0.08, workers=10),
+    "imagenet-200ep": dict(data="imagenet", arch="resnet50", small_stem=False, img_size=224, subset=0,
+                           proj_hidden=4096, pred_hidden=4096, dim=256, pca_dim=150, batch_size=4096,
+                           epochs=200, optimizer="lars", lr=0.5, weight_decay=1e-6, warmup_epochs=10,
+                           momentum=0.99, num_clusters=100000, crop_min=0.08, workers=10),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="SiamMM pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="defaults for a setting; flags override")
+    # data
+    p.add_argument("--data", choices=["fashion-mnist", "folder", "imagenet"], help="data set")
+    p.add_argument("--data-dir", default="", help="fashion-mnist: idx files (default /usr/share/datasets/fashion-mnist); "
+                   "folder/imagenet: a folder with train/ and val/")
+    p.add_argument("--download", action="store_true", help="fashion-mnist: download with torchvision if missing (needs internet)")
+    p.add_argument("--subset", type=int, help="train on a seeded random subset of this many images (0 = all)")
+    p.add_argument("--img-size", type=int, help="crop size of the training views")
+    p.add_argument("--crop-min", type=float, help="smallest RandomResizedCrop scale")
+    p.add_argument("--workers", type=int, help="data-loading processes per GPU/process")
+    # model (sec. 5.1)
+    p.add_argument("--arch", help="torchvision ResNet: resnet18, resnet50, ...")
+    p.add_argument("--small-stem", action=argparse.BooleanOptionalAction, help="3x3 stride-1 stem, no max-pool (28-64 px images)")
+    p.add_argument("--proj-hidden", type=int, help="projector hidden width (paper 4096)")
+    p.add_argument("--pred-hidden", type=int, help="predictor hidden width (paper 4096)")
+    p.add_argument("--dim", type=int, help="embedding dimension D (paper 256)")
+    p.add_argument("--momentum", type=float, help="initial EMA momentum m0, cosine-scheduled to 1")
+    # optimisation (sec. 5.1)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="total over all GPUs")
+    p.add_argument("--optimizer", choices=["lars", "sgd"])
+    p.add_argument("--lr", type=float, help="base lr; the actual lr is lr x batch-size / 256")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-epochs", type=int, help="linear lr warm-up, then cosine decay")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="mixed precision on CUDA (ignored on CPU)")
+    # the mixture model (sec. 4)
+    p.add_argument("--num-clusters", type=int, help="initial number of clusters K0 (paper 100,000)")
+    p.add_argument("--kappa", default="pca", choices=["pca", "mle", "const"],
+                   help="concentration: eq. 16 (PCA), eq. 7 (MLE) or constant (Table 7 ablation)")
+    p.add_argument("--pca-dim", type=int, help="d', principal components for eq. 16 (paper 150 of 256)")
+    p.add_argument("--kappa-clip", type=float, default=10.0, help="largest normalised kappa (mean is 1)")
+    p.add_argument("--kmeans-iters", type=int, default=3, help="Lloyd iterations per epoch, warm-started (sec. 4.3)")
+    p.add_argument("--init-iters", type=int, default=20, help="Lloyd iterations of the first (and re-initialised) k-means")
+    p.add_argument("--reinit-centroids", action="store_true",
+                   help="ablation (Table 7, Fig. 7): fresh k-means every epoch with --nredo restarts, PCL style")
+    p.add_argument("--nredo", type=int, default=5, help="restarts with --reinit-centroids")
+    p.add_argument("--soft-k", type=int, default=3, help="s, nearest centroids per sample (eq. 10); 1 = hard assignment (eq. 8, Table 6)")
+    p.add_argument("--tau", type=float, default=0.1, help="temperature of the soft assignment (eq. 10)")
+    p.add_argument("--assign-prior", action="store_true", help="add log pi_k to the eq. 10 logits")
+    p.add_argument("--merge-lambda", type=float, default=2.0, help="lambda of eq. 11; merge if d < E[d] - lambda sigma[d]")
+    p.add_argument("--no-merge", action="store_true", help="ablation (Table 5): keep K fixed")
+    p.add_argument("--min-clusters", type=int, default=2, help="merging never takes K below this")
+    p.add_argument("--cluster-warmup-epochs", type=int, default=0, help="epochs of instance loss only before the first clustering")
+    # the loss (eq. 13) and its ablations (Tables 4, 8)
+    p.add_argument("--cluster-weight", type=float, default=1.0, help="lambda_c of eq. 13")
+    p.add_argument("--instance-loss", default="byol", choices=["byol", "infonce", "none"],
+                   help="eq. 12; infonce = 'SiamMM w/ negative inst'; none = 'SiamMM w/o i' (Table 4)")
+    p.add_argument("--cluster-loss", default="mle", choices=["mle", "neg-centroids", "neg-instances"],
+                   help="eq. 9; eq. 14 negative centroids; eq. 15 negative instances (Table 8)")
+    p.add_argument("--infonce-t", type=float, default=1.0, help="InfoNCE temperature (MoCo v3 ResNet: 1.0)")
+    p.add_argument("--neg-t", type=float, default=0.2, help="temperature of eq. 14 / 15")
+    p.add_argument("--num-neg", type=int, default=16000, help="negative centroids per batch for eq. 14 (PCL: 16000)")
+    # run
+    p.add_argument("--out-dir", default="runs/siammm")
+    p.add_argument("--resume", default="", help="'auto' (OUT_DIR/checkpoint.pth if present) or a checkpoint path")
+    p.add_argument("--stop-after-epoch", type=int, default=0, help="exit after this epoch (for job time limits); resume later")
+    p.add_argument("--save-every", type=int, default=0, help="also keep checkpoint_epochN.pth every N epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+# ----------------------------------------------------------------------------- LARS
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as used by MoCo v3 / SimSiam for large batches: SGD with
+    momentum whose step for each weight matrix is scaled by the trust ratio
+    ||w|| / ||grad + wd w||. 1-D parameters (biases, BN) get neither weight decay nor the
+    trust ratio (MoCo v3's rule)."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    w_norm, g_norm = torch.norm(p), torch.norm(dp)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0),
+                                        g["trust_coefficient"] * w_norm / g_norm, torch.ones_like(w_norm))
+                    dp = dp.mul(trust)
+                buf = self.state[p].setdefault("mu", torch.zeros_like(p))
+                buf.mul_(g["momentum"]).add_(dp)
+                p.add_(buf, alpha=-g["lr"])
+
+
+def build_optimizer(params, args):
+    lr = args.lr * args.batch_size / 256
+    if args.optimizer == "lars":
+        return LARS(params, lr=lr, weight_decay=args.weight_decay, momentum=0.9)
+    # SGD for small batches (SimSiam's choice below batch 1024); no decay on 1-D params either
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=0.9)
+
+
+def lr_at(t, args):
+    """Linear warm-up for warmup_epochs, then half-cosine to 0 (per iteration; t = fractional epoch)."""
+    base = args.lr * args.batch_size / 256
+    if t < args.warmup_epochs:
+        return base * t / args.warmup_epochs
+    return base * 0.5 * (1 + math.cos(math.pi * (t - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
+
+
+# ----------------------------------------------------------------------------- helpers
+def setup_distributed(args):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is world size 1."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    args.rank, args.world_size, args.local_rank = 0, 1, 0
+    if args.distributed:
+        args.rank, args.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if args.device == "cuda":
+            torch.cuda.set_device(args.local_rank)
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    args.master = args.rank == 0
+    args.dev = torch.device("cuda", args.local_rank) if args.device == "cuda" else torch.device("cpu")
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file, then rename: a crash mid-write never destroys the last
+    good checkpoint (os.replace is atomic on POSIX)."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def fail(msg):
+    """One clear line for a person, no traceback, exit status 2."""
+    print(f"train.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+@torch.no_grad()
+def feature_pass(model, ds, args):
+    """z_i = momentum embedding of every training image (eval transform), this rank's share.
+
+    Rank r embeds samples r, r + W, r + 2W, ...: every sample exactly once over all ranks and
+    no sampler padding, so the cluster statistics (sums over samples, all-reduced) count each
+    image once (SPEC 2.4). Returns (features n_r x D on CPU, dataset indices n_r)."""
+    shard = torch.utils.data.Subset(ds, range(args.rank, len(ds), args.world_size))
+    loader = torch.utils.data.DataLoader(shard, batch_size=max(args.batch_size // args.world_size, 1) * 2,
+                                         num_workers=args.workers, pin_memory=args.dev.type == "cuda")
+    model.eval()  # BN uses running statistics; the momentum encoder is never trained anyway
+    feats, index = [], []
+    for x, _, idx in tqdm(loader, desc="  features", disable=not args.master, leave=False):
+        x = x.to(args.dev, non_blocking=True)
+        if args.dev.type == "cuda":
+            x = x.to(memory_format=torch.channels_last)
+        with autocast(args):
+            z = model.embed(x)
+        feats.append(z.float().cpu())
+        index.append(idx)
+    model.train()
+    return torch.cat(feats), torch.cat(index)
+
+
+def autocast(args):
+    if args.dev.type != "cuda" or args.amp == "none":
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def assignment_table(mixture, feats, index, n_total, args):
+    """Each sample's s nearest centroids and eq. 10 weights, as N x s tables indexed by
+    dataset index. Every rank computes its own shard's rows; a sum all-reduce fills in the
+    rest (each row is owned by exactly one rank), so any rank can look up any sample of its
+    shuffled training batch."""
+    s = min(args.soft_k, mixture.centroids.shape[0])
+    nbr_local, w_local = mixture.assign(feats, s=s, tau=args.tau, prior=args.assign_prior)
+    nbr = torch.zeros(n_total, s, dtype=torch.long)
+    w = torch.zeros(n_total, s)
+    nbr[index], w[index] = nbr_local, w_local
+    if args.distributed:
+        red = args.dev if dist.get_backend() == "nccl" else torch.device("cpu")
+        nbr, w = nbr.to(red), w.to(red)
+        dist.all_reduce(nbr)
+        dist.all_reduce(w)
+    return nbr.to(args.dev), w.to(args.dev)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    args = get_args(argv)
+    setup_distributed(args)
+    torch.manual_seed(args.seed)  # the model is built from the same seed on every rank
+    if args.dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- data: labels are never used below
+    train_set = data.subset(data.load_dataset(args.data, args.data_dir, "train",
+                                              data.train_transform(args.data, args.img_size, args.crop_min),
+                                              args.download), args.subset, args.seed)
+    feat_set = data.subset(data.load_dataset(args.data, args.data_dir, "train",
+                                             data.eval_transform(args.data, args.img_size)), args.subset, args.seed)
+    N = len(train_set)
+    if args.batch_size > N:
+        fail(f"--batch-size {args.batch_size} is larger than the data set (N = {N}): use a smaller batch")
+    if args.batch_size % args.world_size:
+        fail(f"--batch-size {args.batch_size} must be divisible by the number of processes ({args.world_size})")
+    if args.num_clusters > N:
+        fail(f"--num-clusters {args.num_clusters} is larger than the data set (N = {N}): use fewer clusters")
+    sampler = torch.utils.data.DistributedSampler(train_set, args.world_size, args.rank, shuffle=True,
+                                                  seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // args.world_size, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=args.dev.type == "cuda",
+                                         drop_last=True)  # workers re-seeded from the (checkpointed) RNG each epoch
+    steps_per_epoch = len(loader)
+
+    # ---- model, optimiser
+    model = SiamMM(args.arch, args.small_stem, data.in_channels(args.data),
+                   args.proj_hidden, args.pred_hidden, args.dim)
+    torch.manual_seed(args.seed + args.rank)  # then each rank draws its own augmentations
+    np.random.seed(args.seed + args.rank)
+    random.seed(args.seed + args.rank)
+    if args.distributed and args.dev.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)   # sec. 5.1 / MoCo v3: BN over the global batch
+    model = model.to(args.dev)
+    if args.dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    raw = model
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.local_rank] if args.dev.type == "cuda" else None)
+    optimizer = build_optimizer(raw.online_parameters(), args)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.dev.type == "cuda" and args.amp == "fp16")
+    mixture = VMFMixture(args.dim, args.num_clusters, args.kappa, args.pca_dim, args.init_iters, args.kmeans_iters,
+                         reinit=args.reinit_centroids, nredo=args.nredo, kappa_clip=args.kappa_clip, seed=args.seed)
+
+    # ---- resume
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.out_dir, "checkpoint.pth")
+    start_epoch = 0
+    resume = ckpt_path if args.resume == "auto" else args.resume
+    if resume and os.path.exists(resume):
+        ckpt = torch.load(resume, map_location="cpu", weights_only=False)
+        saved = ckpt["args"]
+        for k in ("arch", "small_stem", "dim", "proj_hidden", "pred_hidden", "data"):
+            if saved[k] != getattr(args, k):
+                fail(f"cannot resume {resume}: it was trained with --{k.replace('_', '-')} {saved[k]}, "
+                     f"this run has {getattr(args, k)}; use the same setting or another --out-dir")
+        raw.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["mixture"] is not None:
+            mixture.load_state_dict(ckpt["mixture"])
+        start_epoch = ckpt["epoch"]
+        set_rng_state(ckpt["rng"][args.rank] if args.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if args.master:
+            print(f"resumed from {resume} at epoch {start_epoch}")
+    elif args.resume and args.resume != "auto":
+        fail(f"--resume {args.resume}: no such checkpoint")
+
+    if args.master:
+        print(f"SiamMM | {args.arch} on {args.data} (N = {N}) | {args.world_size} x {args.dev.type} | "
+              f"batch {args.batch_size} | {args.epochs} epochs | K0 = {args.num_clusters}")
+        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+            json.dump(vars(args) | {"dev": str(args.dev)}, f, indent=1)
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+
+    for epoch in range(start_epoch, args.epochs):
+        t_epoch = time.time()
+        times = {}
+        sampler.set_epoch(epoch)
+        # ---- 1-2. feature pass and E/M step (sec. 5.1), unless still in cluster warm-up
+        use_clusters = epoch >= args.cluster_warmup_epochs and args.cluster_weight > 0
+        centroids = kappa = nbr_table = w_table = None
+        if use_clusters:
+            t0 = time.time()
+            feats, index = feature_pass(raw, feat_set, args)
+            times["features"] = time.time() - t0
+            t0 = time.time()
+            mixture.fit(feats, index, N)
+            nbr_table, w_table = assignment_table(mixture, feats, index, N, args)
+            centroids, kappa = mixture.centroids.to(args.dev), mixture.kappa_for_loss().to(args.dev)
+            times["clustering"] = time.time() - t0
+            del feats
+        # ---- 3. training epoch, eq. 13
+        t0 = time.time()
+        sums = torch.zeros(3, device=args.dev)   # loss, L_inst, L_clus; summed on device, synced rarely
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not args.master, leave=False)
+        for i, ((x1, x2), _, idx) in enumerate(bar):
+            t = epoch + i / steps_per_epoch
+            lr = lr_at(t, args)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            m = momentum_at(t, args.epochs, args.momentum)
+            x1, x2 = x1.to(args.dev, non_blocking=True), x2.to(args.dev, non_blocking=True)
+            if args.dev.type == "cuda":
+                x1, x2 = x1.to(memory_format=torch.channels_last), x2.to(memory_format=torch.channels_last)
+            with autocast(args):
+                q1, q2, k1, k2 = model(x1, x2)
+            q1, q2, k1, k2 = q1.float(), q2.float(), k1.float(), k2.float()
+            nbr = w = None
+            if use_clusters:
+                idx = idx.to(args.dev)
+                nbr, w = nbr_table[idx], w_table[idx]
+            loss, l_inst, l_clus = siammm_loss(q1, q2, k1, k2, centroids, kappa, nbr, w, args.cluster_weight,
+                                               args.instance_loss, args.cluster_loss, args.infonce_t,
+                                               args.neg_t, args.num_neg)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            raw.update_momentum(m)
+            sums += torch.stack([loss.detach(), l_inst, l_clus])
+            if i % 20 == 0 or i == steps_per_epoch - 1:
+                s = (sums / (i + 1)).tolist()
+                if not math.isfinite(s[0]):
+                    fail(f"loss is {s[0]} at epoch {epoch + 1}, step {i}: training diverged; lower --lr "
+                         f"(the last good checkpoint, {ckpt_path}, is kept)")
+                bar.set_postfix(loss=f"{s[0]:.4f}", inst=f"{s[1]:.4f}", clus=f"{s[2]:.4f}", lr=f"{lr:.3g}")
+        if args.distributed:
+            dist.all_reduce(sums)
+            sums /= args.world_size
+        times["training"] = time.time() - t0
+        # ---- 4. merging, eq. 11 (same result on every rank: same centroids, same seed)
+        merged, thresh = 0, float("nan")
+        if use_clusters and not args.no_merge:
+            t0 = time.time()
+            merged, thresh = mixture.merge(args.merge_lambda, min_clusters=args.min_clusters)
+            times["merging"] = time.time() - t0
+        if use_clusters:
+            mixture.k_history.append(int(mixture.centroids.shape[0]))
+        # ---- log and checkpoint
+        avg = (sums / steps_per_epoch).tolist()
+        rec = {"epoch": epoch + 1, "loss": avg[0], "loss_inst": avg[1], "loss_clus": avg[2], "lr": lr, "momentum": m,
+               "time": {k: round(v, 3) for k, v in times.items()} | {"epoch": round(time.time() - t_epoch, 3)},
+               "images_per_s": steps_per_epoch * args.batch_size / times["training"]}
+        if use_clusters:
+            rec |= mixture.summary() | {"merged": merged, "merge_threshold": thresh}
+        if args.master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            k_txt = f" | K {rec['K']} (merged {merged})" if use_clusters else ""
+            print(f"epoch {epoch + 1}/{args.epochs} | loss {avg[0]:.4f} (inst {avg[1]:.4f}, clus {avg[2]:.4f})"
+                  f"{k_txt} | {rec['images_per_s']:.0f} img/s | {rec['time']['epoch']:.0f}s")
+            ckpt = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "mixture": mixture.state_dict() if mixture.centroids is not None else None,
+                    "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "args": vars(args) | {"dev": str(args.dev)},
+                    "rng": gather_rng(args)}
+            atomic_save(ckpt, ckpt_path)
+            if args.save_every and (epoch + 1) % args.save_every == 0:
+                atomic_save(ckpt, os.path.join(args.out_dir, f"checkpoint_epoch{epoch + 1}.pth"))
+        elif args.distributed:
+            gather_rng(args)
+        if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch:
+            break
+    if args.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return mixture
+
+
+def gather_rng(args):
+    """Every rank's RNG state (rank 0 saves them all), so a resumed run draws the same
+    augmentations on every rank as the uninterrupted one would have."""
+    state = rng_state()
+    if not args.distributed:
+        return [state]
+    out = [None] * args.world_size
+    dist.all_gather_object(out, state)
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, ValueError) as e:
+        fail(str(e))
