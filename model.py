@@ -47,8 +47,9 @@ def build_backbone(arch="resnet50", small_stem=False, in_chans=3):
 def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn):
     """Linear-BN-ReLU blocks, then a last Linear (+ BN without affine if last_bn).
 
-    This is the MoCo v3 head: linear layers that feed a BN carry no bias (BN has its own
-    shift). The projector's last BN has no affine parameters (sec. 5.1, MoCo v3), the
+    This is the MoCo v3 head: no linear layer has a bias (those that feed a BN would have it
+    cancelled by the BN; MoCo v3 drops it from the predictor's output layer as well).
+    The projector's last BN has no affine parameters (sec. 5.1, MoCo v3), the
     predictor's output has no BN at all.
     """
     layers = []
@@ -56,7 +57,7 @@ def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn):
         d_in = in_dim if i == 0 else hidden_dim
         last = i == num_layers - 1
         d_out = out_dim if last else hidden_dim
-        layers.append(nn.Linear(d_in, d_out, bias=last and not last_bn))
+        layers.append(nn.Linear(d_in, d_out, bias=False))
         if not last:
             layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
         elif last_bn:
@@ -108,8 +109,8 @@ class SiamMM(nn.Module):
         """Both views through both branches. Returns q1, q2 (online, with grad) and
         k1, k2 (momentum, no grad), all L2-normalised: the inputs of eq. 12 and eq. 9.
 
-        Each branch sees both views in one batch-concatenated pass; BN statistics are
-        computed per view, as in MoCo v3, by running the views one after the other.
+        Each view goes through each branch in its own pass, so BN statistics are computed
+        per view, as in MoCo v3.
         """
         q1 = F.normalize(self.predictor(self.projector(self.backbone(x1))), dim=1)
         q2 = F.normalize(self.predictor(self.projector(self.backbone(x2))), dim=1)

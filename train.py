@@ -220,7 +220,9 @@ def set_rng_state(s):
 
 
 def fail(msg):
-    """One clear line for a person, no traceback, exit status 2."""
+    """One clear line for a person, no traceback, exit status 2. (An error raised in a
+    DataLoader worker arrives wrapped in the worker's traceback: keep its last line.)"""
+    msg = (str(msg).strip().splitlines() or ["unknown error"])[-1].removeprefix("data.DataError: ")
     print(f"train.py: error: {msg}", file=sys.stderr)
     sys.exit(2)
 
@@ -276,7 +278,15 @@ def assignment_table(mixture, feats, index, n_total, args):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
+    """Parse the flags and train; a problem with the user's input ends in one line (fail)."""
     args = get_args(argv)
+    try:
+        return train(args)
+    except (data.DataError, ValueError) as e:
+        fail(str(e))
+
+
+def train(args):
     setup_distributed(args)
     torch.manual_seed(args.seed)  # the model is built from the same seed on every rank
     if args.dev.type == "cuda":
@@ -403,6 +413,7 @@ def main(argv=None):
             if i % 20 == 0 or i == steps_per_epoch - 1:
                 s = (sums / (i + 1)).tolist()
                 if not math.isfinite(s[0]):
+                    bar.close()
                     fail(f"loss is {s[0]} at epoch {epoch + 1}, step {i}: training diverged; lower --lr "
                          f"(the last good checkpoint, {ckpt_path}, is kept)")
                 bar.set_postfix(loss=f"{s[0]:.4f}", inst=f"{s[1]:.4f}", clus=f"{s[2]:.4f}", lr=f"{lr:.3g}")
@@ -460,7 +471,4 @@ def gather_rng(args):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, ValueError) as e:
-        fail(str(e))
+    main()

@@ -1,0 +1,76 @@
+"""
+Images/s of one SiamMM training step (two views through the online and momentum branches,
+eq. 13 with the cluster term, backward, optimiser step, EMA update), on random data.
+
+    python bench/bench_step.py                                  # CPU preset: resnet18, small stem, 16 px
+    python bench/bench_step.py --preset imagenet-100ep --batch-size 256   # ResNet-50 at 224 px (GPU)
+
+The step is the one train.py runs (same model, loss, optimiser, AMP and channels_last on
+CUDA); the cluster term uses random centroids, so no data or Faiss is needed.
+"""
+
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import train  # noqa: E402
+from loss import siammm_loss  # noqa: E402
+from model import SiamMM  # noqa: E402
+
+
+def main():
+    args = train.get_args(sys.argv[1:] + ["--workers", "0"])
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(args.device)
+    args.dev, args.distributed = dev, False
+    B = args.batch_size
+    model = SiamMM(args.arch, args.small_stem, data.in_channels(args.data), args.proj_hidden,
+                   args.pred_hidden, args.dim).to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = train.build_optimizer(model.online_parameters(), args)
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and args.amp == "fp16")
+    c = data.in_channels(args.data)
+    x1 = torch.randn(B, c, args.img_size, args.img_size, device=dev)
+    x2 = torch.randn(B, c, args.img_size, args.img_size, device=dev)
+    if dev.type == "cuda":
+        x1, x2 = x1.to(memory_format=torch.channels_last), x2.to(memory_format=torch.channels_last)
+    K = min(args.num_clusters, 10000)
+    centroids = torch.nn.functional.normalize(torch.randn(K, args.dim, device=dev), dim=1)
+    kappa = torch.ones(K, device=dev)
+    nbr = torch.randint(0, K, (B, args.soft_k), device=dev)
+    w = torch.full((B, args.soft_k), 1.0 / args.soft_k, device=dev)
+
+    def step():
+        with train.autocast(args):
+            q1, q2, k1, k2 = model(x1, x2)
+        loss, _, _ = siammm_loss(q1.float(), q2.float(), k1.float(), k2.float(), centroids, kappa, nbr, w)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        model.update_momentum(0.99)
+
+    warmup, steps = (3, 20) if dev.type == "cuda" else (1, 5)
+    for _ in range(warmup):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.time()
+    for _ in tqdm(range(steps), desc="steps"):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.time() - t0) / steps
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.arch} {args.img_size}px batch {B} on {name} (amp {args.amp if dev.type == 'cuda' else 'off'}): "
+          f"{dt * 1000:.0f} ms/step, {B / dt:.1f} images/s")
+
+
+if __name__ == "__main__":
+    main()

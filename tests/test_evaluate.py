@@ -1,0 +1,351 @@
+"""Tests of evaluate.py: known answers, agreement with scikit-learn, real Fashion-MNIST
+subsets, and an end-to-end run on a tiny checkpoint whose every output file is opened.
+CPU only, well under a minute in all."""
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn import metrics as skm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import evaluate as ev  # noqa: E402
+from cluster import VMFMixture  # noqa: E402
+from model import SiamMM  # noqa: E402
+
+HAVE_FMNIST = os.path.exists(os.path.join(data.DEBIAN_FASHION_MNIST, "train-labels-idx1-ubyte")) or \
+    os.path.exists(os.path.join(data.DEBIAN_FASHION_MNIST, "train-labels-idx1-ubyte.gz"))
+needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="apt-get install dataset-fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    """Real Fashion-MNIST train split as raw pixels in [0, 1] (N x 784) and labels."""
+    ds = data.FashionMNIST(None, train=True)
+    x = torch.from_numpy(ds.images.reshape(len(ds), -1).astype(np.float32) / 255)
+    return x, ds.targets.clone()
+
+
+def real_subset(fmnist, n, seed=0):
+    x, y = fmnist
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx], y[idx]
+
+
+# ----------------------------------------------------------------------------- kNN
+def test_knn_known_answer_weighted_votes():
+    # test point q = e0. Train: two class-0 points at cos 0.9, one class-1 point at cos 1.0,
+    # one class-2 point far away. With k = 3 a plain majority says class 0; DINO's votes
+    # exp(cos / 0.07) give class 1: exp(1 / .07) = 4.2 x exp(.9 / .07) > 2 x exp(.9 / .07).
+    s = math.sqrt(1 - 0.9 ** 2)
+    train = torch.tensor([[0.9, s, 0.0], [0.9, -s, 0.0], [1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 2])
+    q = torch.tensor([[2.0, 0.0, 0.0]])               # not unit: knn_classify normalises
+    p = ev.knn_classify(train, labels, q, ks=(1, 3, 4), T=0.07, num_classes=3)
+    assert p[1][0, 0] == 1 and p[3][0, 0] == 1 and p[4][0, 0] == 1
+    assert p[3][0].tolist() == [1, 0, 2]              # ranked by votes: 1, then 0, then 2 (no vote)
+    # a huge temperature makes every vote ~1: the plain majority, class 0, wins
+    assert ev.knn_classify(train, labels, q, ks=(3,), T=1e6, num_classes=3)[3][0, 0] == 0
+
+
+def test_knn_matches_naive_loop_and_is_chunk_invariant():
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(60, 8, generator=g), torch.randn(25, 8, generator=g)
+    labels = torch.randint(0, 4, (60,), generator=g)
+    T = 0.1
+    tr, te = F.normalize(train, dim=1), F.normalize(test, dim=1)
+    for k in (1, 5, 20):
+        expect = []
+        for q in te:                                      # DINO eval_knn, one image at a time
+            sims = tr @ q
+            top = sims.argsort(descending=True)[:k]
+            votes = torch.zeros(4)
+            for j in top:
+                votes[labels[j]] += torch.exp(sims[j] / T)
+            expect.append(int(votes.argmax()))
+        whole = ev.knn_classify(train, labels, test, ks=(1, 5, 20), T=T, num_classes=4)
+        chunked = ev.knn_classify(train, labels, test, ks=(1, 5, 20), T=T, num_classes=4, chunk_elems=60 * 3)
+        assert whole[k][:, 0].tolist() == expect
+        assert torch.equal(whole[k], chunked[k])
+    assert ev.topk_accuracy(torch.tensor([[1, 2], [0, 1], [2, 0]]), torch.tensor([1, 1, 1]), 1) == pytest.approx(1 / 3)
+    assert ev.topk_accuracy(torch.tensor([[1, 2], [0, 1], [2, 0]]), torch.tensor([1, 1, 1]), 2) == pytest.approx(2 / 3)
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_cluster_metrics_equal_sklearn_and_known_values():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 500)
+    clusters = np.where(rng.random(500) < 0.7, labels * 3 + rng.integers(0, 3, 500), rng.integers(0, 15, 500))
+    m = ev.cluster_metrics(labels, clusters)
+    assert m["ami"] == pytest.approx(skm.adjusted_mutual_info_score(labels, clusters), abs=1e-12)
+    assert m["nmi"] == pytest.approx(skm.normalized_mutual_info_score(labels, clusters), abs=1e-12)
+    assert m["ari"] == pytest.approx(skm.adjusted_rand_score(labels, clusters), abs=1e-12)
+    assert m["K"] == len(np.unique(clusters))
+    # majority-label accuracy by hand: cluster 7 -> {0, 0, 1}, cluster 9 -> {1, 2, 2, 2}: (2 + 3) / 7
+    labels, clusters = [0, 0, 1, 1, 2, 2, 2], [7, 7, 7, 9, 9, 9, 9]
+    assert ev.majority_accuracy(labels, clusters) == pytest.approx(5 / 7)
+    # Hungarian: one-to-one, so both clusters cannot take class 2; best map 7->0, 9->2: (2 + 3) / 7
+    assert ev.hungarian_accuracy(labels, clusters) == pytest.approx(5 / 7)
+    labels, clusters = [0, 0, 0, 1, 1, 2], [5, 5, 6, 6, 6, 6]
+    assert ev.majority_accuracy(labels, clusters) == pytest.approx(4 / 6)   # 5->0 (2), 6->1 (2)
+    assert ev.hungarian_accuracy(labels, clusters) == pytest.approx(4 / 6)
+    labels, clusters = [0, 0, 1, 1, 1], [1, 1, 1, 0, 0]   # 1->0 (2 of 3), 0->1 (2)
+    assert ev.hungarian_accuracy(labels, clusters) == pytest.approx(4 / 5)
+    # a relabelled perfect clustering scores 1 on every metric
+    labels = rng.integers(0, 6, 300)
+    perm = rng.permutation(6) + 10
+    assert all(v == pytest.approx(1.0) for k, v in ev.cluster_metrics(labels, perm[labels]).items() if k != "K")
+    # two clusters per class: majority accuracy stays 1, Hungarian (one-to-one) cannot
+    split = labels * 2 + rng.integers(0, 2, 300)
+    assert ev.majority_accuracy(labels, split) == 1.0 and ev.hungarian_accuracy(labels, split) < 0.75
+
+
+def test_spherical_kmeans_and_assignment_recover_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(4, 16, generator=g), dim=1) * 5
+    labels = torch.arange(4).repeat_interleave(50)
+    x = centres[labels] + 0.3 * torch.randn(200, 16, generator=g)
+    ids, cents = ev.spherical_kmeans(x, 4, seed=0, nredo=2)
+    assert ev.hungarian_accuracy(labels.numpy(), ids) == 1.0
+    assert torch.allclose(cents.norm(dim=1), torch.ones(4), atol=1e-4)
+    a, cos, margin = ev.assign_clusters(x, cents)
+    assert (a == ids).all() and (cos <= 1 + 1e-5).all() and (margin >= 0).all()
+
+
+# ----------------------------------------------------------------------------- linear probe
+@needs_fmnist
+def test_linear_probe_real_subset_beats_chance_fast(fmnist):
+    x, y = real_subset(fmnist, 3000, seed=1)
+    t = time.time()
+    r, fc = ev.linear_probe(x[:2000], y[:2000], x[2000:], y[2000:], 10, epochs=10, lr=0.1, batch_size=256)
+    assert time.time() - t < 60
+    assert r["top1"] > 0.7          # chance is 0.1; logistic regression on all 60k pixels: 0.84
+    assert r["top5"] >= r["top1"]
+    assert fc.weight.shape == (10, 784)
+
+
+def test_frozen_backbone_check_can_fail():
+    """MoCo v3's sanity check: extract_features (eval mode) leaves every tensor, BN running
+    statistics included, bit-identical; a train-mode forward changes them and is caught."""
+    model = SiamMM("resnet18", small_stem=True, in_chans=1, proj_hidden=32, pred_hidden=32, dim=16)
+    bb = model.backbone
+    digest = ev.state_digest(bb)
+    x = torch.randn(8, 1, 8, 8)
+    loader = [(x, torch.zeros(8, dtype=torch.long), torch.arange(8))]
+    f, z, y = ev.extract_features(loader, bb, model.eval().embed)
+    assert f.shape == (8, 512) and z.shape == (8, 16) and torch.allclose(z.norm(dim=1), torch.ones(8), atol=1e-5)
+    assert ev.changed_keys(bb, digest) == []
+    bb.train()
+    bb(x)                                               # BN running stats move
+    assert "bn1.running_mean" in ev.changed_keys(bb, digest)
+
+
+# ----------------------------------------------------------------------------- semi-supervised
+def test_balanced_subset_is_class_balanced_seeded_and_nested():
+    labels = np.repeat(np.arange(5), [100, 200, 300, 50, 7])
+    one, ten = ev.balanced_subset(labels, 1, seed=3), ev.balanced_subset(labels, 10, seed=3)
+    assert np.bincount(labels[one]).tolist() == [1, 2, 3, 1, 1]       # round(1%), at least one
+    assert np.bincount(labels[ten]).tolist() == [10, 20, 30, 5, 1]
+    assert set(one) <= set(ten) and len(set(ten)) == len(ten)
+    assert np.array_equal(ten, ev.balanced_subset(labels, 10, seed=3))
+    assert not np.array_equal(ten, ev.balanced_subset(labels, 10, seed=4))
+
+
+def test_split_file_subset_matches_file_names(tmp_path):
+    for cls in ("a", "b"):
+        os.makedirs(tmp_path / "train" / cls)
+        for i in range(3):
+            Image.new("RGB", (4, 4)).save(tmp_path / "train" / cls / f"{cls}_{i}.JPEG")
+    ds = data.load_dataset("folder", str(tmp_path), "train")
+    (tmp_path / "1percent.txt").write_text("b_2.JPEG\na_0.JPEG\n")
+    idx = ev.split_file_subset(ds, str(tmp_path / "1percent.txt"))
+    assert [os.path.basename(ds.samples[i][0]) for i in idx] == ["a_0.JPEG", "b_2.JPEG"]
+    (tmp_path / "bad.txt").write_text("zzz.JPEG\n")
+    with pytest.raises(ev.EvalError, match="zzz.JPEG"):
+        ev.split_file_subset(ds, str(tmp_path / "bad.txt"))
+
+
+# ----------------------------------------------------------------------------- mislabels
+def test_mislabel_ranking_known_case():
+    # cluster 0: eight 'A' and one 'B'; cluster 1: five 'C', three 'D' (a look-alike class)
+    labels = np.array([0] * 8 + [1] + [2] * 5 + [3] * 3)
+    clusters = np.array([0] * 9 + [1] * 8)
+    conf = np.linspace(0.5, 0.9, 17)
+    order, info = ev.mislabel_ranking(labels, clusters, conf)
+    assert order[0] == 8                                  # the lone 'B' (share 1/9) first
+    assert order[1:].tolist() == [16, 15, 14]             # then the D's, most confident first
+    assert (info["majority"] == np.array([0] * 9 + [2] * 8)).all()
+    assert info["share"][8] == pytest.approx(1 / 9) and info["share"][14] == pytest.approx(3 / 8)
+
+
+@needs_fmnist
+def test_mislabel_report_ranks_flipped_labels_near_top(fmnist):
+    """2% of a real 2,000-image subset gets a wrong label on purpose. Clusters come from
+    spherical k-means on the raw pixels (labels unseen); most flipped images must rank in
+    the top 2 x (number flipped) of the suspects (a random order would put ~12% there)."""
+    x, y = real_subset(fmnist, 2000, seed=0)
+    rng = np.random.default_rng(0)
+    flip = rng.choice(2000, 40, replace=False)
+    noisy = y.numpy().copy()
+    noisy[flip] = (noisy[flip] + rng.integers(1, 10, 40)) % 10
+    _, cents = ev.spherical_kmeans(x, 30, seed=0, nredo=1)
+    ids, cos, margin = ev.assign_clusters(x, cents)
+    for conf in (cos, margin):
+        order, info = ev.mislabel_ranking(noisy, ids, conf)
+        assert np.isin(flip, order).mean() >= 0.9            # almost every flip is a suspect at all
+        top = np.isin(flip, order[:80]).mean()
+        assert top >= 0.5, f"only {top:.0%} of the flipped labels in the top 80 of {len(order)} suspects"
+        assert 80 / len(order) < 0.25                        # and the top 80 is a small part of the list
+
+
+def test_read_k_history(tmp_path):
+    lines = [{"epoch": 1, "K": 100}, {"epoch": 2, "K": 60}, {"epoch": 2, "K": 55}, {"epoch": 3, "loss": 1.0}]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + '\n{"epoch": 4, "K"')
+    assert ev.read_k_history(str(tmp_path)) == ([1, 2], [100, 55])   # resumed epoch: last wins; torn line skipped
+    m = VMFMixture(4, 3)
+    m.k_history = [9, 7]
+    assert ev.read_k_history(str(tmp_path / "nowhere"), m) == ([1, 2], [9, 7])
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A checkpoint in train.py's format from an untrained tiny SiamMM on 8 px images, with
+    a mixture fit on its embeddings of real images, a log.jsonl and an exported backbone."""
+    if not HAVE_FMNIST:
+        pytest.skip("apt-get install dataset-fashion-mnist")
+    d = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    targs = dict(data="fashion-mnist", data_dir="", arch="resnet18", small_stem=True, img_size=8, subset=300,
+                 proj_hidden=32, pred_hidden=32, dim=16, seed=0, num_clusters=12, crop_min=0.2)
+    model = SiamMM("resnet18", True, 1, 32, 32, 16).eval()
+    ds = data.subset(data.load_dataset("fashion-mnist", "", "train", data.eval_transform("fashion-mnist", 8)), 300, 0)
+    z = torch.cat([model.embed(x) for x, _, _ in torch.utils.data.DataLoader(ds, batch_size=150)])
+    mix = VMFMixture(16, 12, kappa_mode="mle", init_iters=5)
+    mix.fit(z, torch.arange(len(z)), len(z))
+    mix.k_history = [12, int(mix.centroids.shape[0])]
+    state = model.state_dict() | {"predictor.3.bias": torch.zeros(16)}   # a head of an older model.py: unused
+    torch.save({"model": state, "mixture": mix.state_dict(), "epoch": 2, "args": targs}, d / "checkpoint.pth")
+    torch.save({"model": {k: v for k, v in state.items() if not k.startswith("momentum_projector.")},
+                "mixture": None, "epoch": 2, "args": targs}, d / "headless.pth")
+    (d / "log.jsonl").write_text(json.dumps({"epoch": 1, "K": 12}) + "\n" + json.dumps({"epoch": 2, "K": 11}) + "\n")
+    torch.save(model.export_backbone(), d / "backbone.pth")
+    return d
+
+
+def check_outputs(out, res, n_grids):
+    loaded = json.loads((out / "results.json").read_text())
+    assert loaded["knn"]["top1"] == res["knn"]["top1"]
+    for p in [out / "mislabels.png"] + [out / "clusters" / f for f in os.listdir(out / "clusters")]:
+        with Image.open(p) as im:
+            im.verify()                                   # a complete, readable PNG
+    assert len(os.listdir(out / "clusters")) == n_grids
+    with open(out / "mislabels.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == res["report"]["num_suspects"] > 0
+    assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    assert all(r["label"] != r["cluster_majority"] for r in rows)
+    shares = [float(r["label_share_in_cluster"]) for r in rows]
+    assert shares == sorted(shares)                       # rarest label in its cluster first
+    return loaded
+
+
+@needs_fmnist
+def test_end_to_end_checkpoint_writes_every_report_file(tiny_run, capsys):
+    out = tiny_run / "eval"
+    res = ev.main(["--checkpoint", str(tiny_run / "checkpoint.pth"), "--train-subset", "200", "--test-subset", "100",
+                   "--workers", "0", "--probe-epochs", "5", "--knn-k", "5,20", "--grid-clusters", "4",
+                   "--kmeans-redo", "1", "--semi", "10", "--semi-epochs", "1", "--semi-batch-size", "16"])
+    loaded = check_outputs(out, res, n_grids=4)
+    with Image.open(out / "k_per_epoch.png") as im:
+        im.verify()
+    assert loaded["report"]["k_history"] == {"1": 12, "2": 11}
+    assert loaded["split"]["train"] == 200 and loaded["split"]["test"] == 100
+    assert set(loaded["knn"]["top1"]) == {"5", "20"}
+    for v in [loaded["linear_probe"]["top1"], loaded["semi"]["10"]["top1"], loaded["raw_pixels"]["knn_top1"]["20"],
+              loaded["kmeans"]["hungarian_acc"], loaded["learned_clusters"]["ami"]] + list(loaded["knn"]["top1"].values()):
+        assert 0.0 <= v <= 1.0
+    ytr = data.subset(data.load_dataset("fashion-mnist", "", "train"), 200, 0).targets.numpy()
+    expect = sum(max(1, round(0.1 * n)) for n in np.bincount(ytr))   # 10% of each class, at least one
+    assert loaded["semi"]["10"]["labels"] == expect
+    assert loaded["raw_pixels"]["knn_top1"]["20"] > 0.5         # real images: the raw-pixel floor is far above chance
+    assert loaded["backbone_unchanged"] is True
+    assert loaded["learned_clusters"]["split"] == "test" and loaded["report"]["split"] == "train"
+    stdout = capsys.readouterr().out
+    assert "kNN top-1, k=20" in stdout and "learned clusters" in stdout and "raw pixels" in stdout
+
+
+@needs_fmnist
+def test_end_to_end_exported_backbone(tiny_run):
+    out = tiny_run / "eval_bb"
+    res = ev.main(["--backbone", str(tiny_run / "backbone.pth"), "--img-size", "8", "--train-subset", "120",
+                   "--test-subset", "60", "--workers", "0", "--probe-epochs", "2", "--no-raw", "--grid-clusters", "3",
+                   "--kmeans-redo", "1", "--out-dir", str(out)])
+    check_outputs(out, res, n_grids=3)
+    assert res["learned_clusters"] is None and res["raw_pixels"] is None
+    assert res["source"]["small_stem"] is True                  # read off conv1's 3 x 3 kernel
+    assert "k_per_epoch" not in res["report"] and not (out / "k_per_epoch.png").exists()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--checkpoint", "/nonexistent/checkpoint.pth"], "no such file"),
+    (["--backbone", "/nonexistent/backbone.pth"], "no such file"),
+    (["--checkpoint", "x.pth", "--knn-k", "abc"], "--knn-k"),
+    (["--checkpoint", "x.pth", "--semi", "1,10", "--semi-split-file", "a.txt"], "--semi-split-file"),
+    (["--checkpoint", "x.pth", "--backbone", "y.pth"], "not allowed with"),
+])
+def test_errors_are_one_line_exit_2(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("evaluate.py: error:") and msg in err, err
+
+
+@needs_fmnist
+def test_checkpoint_without_momentum_head_is_one_line_error(tiny_run, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--checkpoint", str(tiny_run / "headless.pth")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "momentum_projector." in err, err
+
+
+def test_not_a_checkpoint_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    torch.save({"conv1.weight": torch.zeros(64, 1, 3, 3)}, tmp_path / "bb.pth")
+    for argv, msg in ((["--checkpoint", str(tmp_path / "junk.pth")], "cannot read checkpoint"),
+                      (["--checkpoint", str(tmp_path / "bb.pth")], "not a train.py checkpoint"),
+                      (["--backbone", str(tmp_path / "bb.pth")], "do not fit --arch")):
+        with pytest.raises(SystemExit) as e:
+            ev.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and msg in err, err
+
+
+def test_unreadable_image_in_a_worker_is_one_line_error(tmp_path, capsys):
+    """An ImageFolder with a corrupt file, read by a DataLoader worker: the error names the
+    file on one line (the worker's traceback is not shown)."""
+    from model import build_backbone
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            os.makedirs(tmp_path / split / cls)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / split / cls / f"{i}.png")
+    (tmp_path / "train" / "b" / "broken.png").write_bytes(b"not a png")
+    net, _ = build_backbone("resnet18", small_stem=True, in_chans=3)
+    torch.save(net.state_dict(), tmp_path / "bb.pth")
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--backbone", str(tmp_path / "bb.pth"), "--data", "folder", "--data-dir", str(tmp_path),
+                 "--img-size", "8", "--workers", "1", "--out-dir", str(tmp_path / "eval")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("evaluate.py: error: cannot read image") and "broken.png" in err[-1]
+    assert not any("Traceback" in line for line in err)

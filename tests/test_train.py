@@ -1,0 +1,166 @@
+"""train.py end to end on a small real Fashion-MNIST subset (CPU): the epoch loop, the log,
+merging, torchrun DDP against one process, exact resume, and the one-line errors."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A run small enough for 2 CPU cores: 128 real images at 16 px, tiny heads, 2 epochs.
+TINY = ["--subset", "128", "--batch-size", "32", "--img-size", "16", "--epochs", "2", "--workers", "0",
+        "--proj-hidden", "32", "--pred-hidden", "32", "--dim", "16", "--pca-dim", "8", "--num-clusters", "24"]
+
+
+def run(tmp_path, *extra, name="run"):
+    out = str(tmp_path / name)
+    train.main(TINY + ["--out-dir", out] + list(extra))
+    return out
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_epochs_write_checkpoint_and_log_and_merge(tmp_path):
+    out = run(tmp_path, "--merge-lambda", "0.5")
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [1, 2]
+    for r in log:  # every field a user plots or greps for
+        for k in ("loss", "loss_inst", "loss_clus", "lr", "momentum", "K", "merged", "cluster_max",
+                  "kappa_min", "kappa_max", "images_per_s"):
+            assert k in r
+        assert set(r["time"]) >= {"features", "clustering", "training", "merging", "epoch"}
+    assert sum(r["merged"] for r in log) > 0
+    ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (128 // 32)
+    hist = ckpt["mixture"]["k_history"]
+    assert hist == [r["K"] for r in log]
+    assert hist[-1] < 24                    # K falls: merging (and dropped empty clusters)
+    assert not os.path.exists(os.path.join(out, "checkpoint.pth.tmp"))
+
+
+def test_no_merge_keeps_k_and_merge_reduces_it(tmp_path):
+    fixed = read_log(run(tmp_path, "--no-merge", "--epochs", "1", name="fixed"))
+    merged = read_log(run(tmp_path, "--merge-lambda", "0.0", "--epochs", "1", name="merged"))
+    assert fixed[0]["merged"] == 0
+    assert merged[0]["merged"] > 0
+    assert merged[0]["K"] == fixed[0]["K"] - merged[0]["merged"]   # same first clustering, then merges
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    full = run(tmp_path, name="full")
+    part = run(tmp_path, "--stop-after-epoch", "1", name="part")
+    assert read_log(part)[-1]["epoch"] == 1
+    train.main(TINY + ["--out-dir", part, "--resume", "auto"])
+    a = torch.load(os.path.join(full, "checkpoint.pth"), weights_only=False)
+    b = torch.load(os.path.join(part, "checkpoint.pth"), weights_only=False)
+    assert b["epoch"] == 2
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert torch.equal(a["mixture"]["centroids"], b["mixture"]["centroids"])
+    assert [r["loss"] for r in read_log(full)] == [r["loss"] for r in read_log(part)]
+
+
+def test_ablation_flags_run(tmp_path):
+    # Table 4 (w/o i, w/ negative inst), Table 8 (eq. 14, 15), Table 6 (hard), Table 7 (const kappa, reinit)
+    for i, flags in enumerate([["--instance-loss", "none", "--soft-k", "1"],
+                               ["--instance-loss", "infonce", "--cluster-loss", "neg-centroids", "--kappa", "mle"],
+                               ["--cluster-loss", "neg-instances", "--kappa", "const", "--reinit-centroids", "--nredo", "2"],
+                               ["--optimizer", "lars", "--cluster-warmup-epochs", "1", "--assign-prior"]]):
+        out = run(tmp_path, "--epochs", "2", *flags, name=f"abl{i}")
+        log = read_log(out)
+        assert len(log) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_one_process_clustering(tmp_path):
+    """2 gloo processes: each embeds half of the data; the first clustering (all-reduced
+    sums) must equal the one-process clustering of the same features."""
+    common = TINY + ["--epochs", "1", "--no-merge"]
+    one = str(tmp_path / "one")
+    train.main(common + ["--out-dir", one])
+    two = str(tmp_path / "two")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", os.path.join(ROOT, "train.py")] + common + ["--out-dir", two]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = torch.load(os.path.join(one, "checkpoint.pth"), weights_only=False)["mixture"]
+    b = torch.load(os.path.join(two, "checkpoint.pth"), weights_only=False)["mixture"]
+    assert torch.equal(a["counts"], b["counts"])
+    assert torch.allclose(a["centroids"], b["centroids"], atol=1e-5)
+    assert torch.allclose(a["kappa"], b["kappa"], rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- bad input
+def error_line(capsys, argv):
+    """Run train.py's main, expect exit status 2 and exactly one error line, the last one
+    on stderr (tqdm bars of the epochs before the error also go to stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    err = [l for l in capsys.readouterr().err.strip().splitlines() if l.strip()]
+    assert sum("error" in l for l in err) == 1 and err[-1].startswith("train.py: error: ")
+    return err[-1]
+
+
+def test_missing_data_path(tmp_path, capsys):
+    msg = error_line(capsys, TINY + ["--data-dir", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "o")])
+    assert "does not exist" in msg
+
+
+def test_empty_folder(tmp_path, capsys):
+    (tmp_path / "imgs" / "train").mkdir(parents=True)
+    msg = error_line(capsys, TINY + ["--data", "folder", "--data-dir", str(tmp_path / "imgs"), "--out-dir", str(tmp_path / "o")])
+    assert "no images" in msg
+
+
+def test_unreadable_image_is_named(tmp_path, capsys):
+    from PIL import Image
+    cls = tmp_path / "imgs" / "train" / "a"
+    cls.mkdir(parents=True)
+    for i in range(40):
+        Image.new("RGB", (20, 20), (i * 5, 0, 0)).save(cls / f"{i}.png")
+    (cls / "broken.png").write_bytes(b"not a png")
+    msg = error_line(capsys, ["--data", "folder", "--data-dir", str(tmp_path / "imgs"), "--batch-size", "8",
+                              "--num-clusters", "4", "--img-size", "16", "--workers", "0", "--dim", "16",
+                              "--proj-hidden", "16", "--pred-hidden", "16", "--epochs", "1", "--out-dir", str(tmp_path / "o")])
+    assert "broken.png" in msg
+
+
+def test_too_many_clusters_and_too_large_batch(tmp_path, capsys):
+    msg = error_line(capsys, TINY + ["--num-clusters", "500", "--out-dir", str(tmp_path / "o")])
+    assert "--num-clusters 500" in msg
+    msg = error_line(capsys, TINY + ["--batch-size", "256", "--out-dir", str(tmp_path / "o")])
+    assert "--batch-size 256" in msg
+
+
+def test_incompatible_resume(tmp_path, capsys):
+    out = run(tmp_path, "--epochs", "1", name="r")
+    msg = error_line(capsys, TINY + ["--out-dir", out, "--resume", "auto", "--dim", "32"])
+    assert "--dim" in msg
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    out = run(tmp_path, "--epochs", "2", "--stop-after-epoch", "1", name="nan")
+    before = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)
+    msg = error_line(capsys, TINY + ["--out-dir", out, "--resume", "auto", "--lr", "1e30"])
+    assert "diverged" in msg
+    after = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)
+    assert after["epoch"] == 1
+    for k, v in before["model"].items():
+        assert torch.equal(v, after["model"][k])
