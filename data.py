@@ -139,7 +139,8 @@ class GaussianBlur:
         return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(0.1, 2.0))))
 
 
-def _normalize(name):
+def normalize(name):
+    """Per-channel normalisation: Fashion-MNIST's own statistics, ImageNet's elsewhere."""
     mean, std = (FMNIST_MEAN, FMNIST_STD) if name == "fashion-mnist" else (IMAGENET_MEAN, IMAGENET_STD)
     return T.Normalize(mean, std)
 
@@ -155,7 +156,7 @@ def moco_v3_view(name, size, blur_p, solarize_p, crop_min=0.08):
         T.RandomApply([Solarize()], p=solarize_p),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
-        _normalize(name),
+        normalize(name),
     ])
 
 
@@ -175,8 +176,8 @@ def eval_transform(name, size):
     """Deterministic: the feature pass of every epoch and all evaluation use it. ImageNet:
     resize to 256/224 of the size, centre crop; small images: resize to the training size."""
     if name == "fashion-mnist":
-        return T.Compose([T.Resize(size), T.ToTensor(), _normalize(name)])
-    return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), _normalize(name)])
+        return T.Compose([T.Resize(size), T.ToTensor(), normalize(name)])
+    return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), normalize(name)])
 
 
 def subset(ds, n, seed=0):

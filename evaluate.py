@@ -431,7 +431,7 @@ def split_file_subset(ds, path):
 def semi_transform(name, size, crop_min):
     """SimCLR's fine-tuning augmentation (appendix B.5): random resized crop and flip only."""
     return T.Compose([T.RandomResizedCrop(size, scale=(crop_min, 1.0)), T.RandomHorizontalFlip(),
-                      T.ToTensor(), data._normalize(name)])
+                      T.ToTensor(), data.normalize(name)])
 
 
 def finetune(backbone, feat_dim, train_set, test_loader, num_classes, epochs, lr=0.05, batch_size=256,

@@ -345,8 +345,12 @@ def train(args):
             if saved[k] != getattr(args, k):
                 fail(f"cannot resume {resume}: it was trained with --{k.replace('_', '-')} {saved[k]}, "
                      f"this run has {getattr(args, k)}; use the same setting or another --out-dir")
-        raw.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            raw.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError) as e:  # a checkpoint of another code version or model
+            fail(f"cannot resume {resume}: its weights do not fit this model "
+                 f"({str(e).splitlines()[0]}); start a new --out-dir")
         scaler.load_state_dict(ckpt["scaler"])
         if ckpt["mixture"] is not None:
             mixture.load_state_dict(ckpt["mixture"])
