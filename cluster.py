@@ -61,7 +61,7 @@ def knn_search(queries, database, k):
     return index.search(q, k)
 
 
-def close_pairs(centroids, thresh, neighbours=5, exact_max=20000, seed=0):
+def close_pairs(centroids, thresh, neighbours=5, exact_max=8000, seed=0):
     """Candidate pairs (j < k) of unit centroids with d_jk = 1 - mu_j.mu_k < thresh, as
     numpy arrays (rows, cols, d). Only close pairs matter for eq. 11, so the K x K matrix
     is never formed:
@@ -69,9 +69,9 @@ def close_pairs(centroids, thresh, neighbours=5, exact_max=20000, seed=0):
       exact search (each cluster merges at most once per call, so a few suffice);
     - larger K on a CPU: exact all-pairs search at K = 100,000 is 2.6e12 flops (tens of
       seconds on 2 cores). Instead a coarse spherical k-means (Faiss) cuts the sphere into
-      sqrt(K) cells and pairs are compared inside each cell, one small matrix product per
-      cell (~1/sqrt(K) of the work). A close pair split by a cell border is missed this
-      time and found at a later epoch's merge, with other cells."""
+      sqrt(K) cells and pairs are compared inside each cell (~1/sqrt(K) of the work; cells
+      of similar size share one batched product, see _pairs_within_cells). A close pair
+      split by a cell border is missed this time and found at a later epoch's merge."""
     K, D = centroids.shape
     c = np.ascontiguousarray(centroids, dtype=np.float32)
     if K <= exact_max or _on_gpu():
@@ -82,26 +82,43 @@ def close_pairs(centroids, thresh, neighbours=5, exact_max=20000, seed=0):
         ncell = int(math.sqrt(K))
         km = faiss.Kmeans(D, ncell, niter=10, spherical=True, seed=seed, max_points_per_centroid=32)
         km.train(c)
-        _, cell = km.index.search(c, 1)
-        order = np.argsort(cell[:, 0], kind="stable")
-        bounds = np.searchsorted(cell[order, 0], np.arange(ncell + 1))
-        rows, cols, d = [], [], []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            members = order[lo:hi]
-            if len(members) < 2:
-                continue
-            cm = torch.from_numpy(c[members])
-            sim = (cm @ cm.T).fill_diagonal_(-2)
-            nn = min(neighbours, len(members) - 1)               # each member's nearest in the cell
-            s, k = sim.topk(nn, dim=1)
-            rows.append(np.repeat(members, nn)), cols.append(members[k.numpy().reshape(-1)])
-            d.append(1 - s.numpy().reshape(-1))
-        rows, cols, d = np.concatenate(rows), np.concatenate(cols), np.concatenate(d)
+        cell = torch.from_numpy(km.index.search(c, 1)[1][:, 0])
+        rows, cols, d = _pairs_within_cells(torch.from_numpy(c), cell, ncell, neighbours)
     lo, hi = np.minimum(rows, cols), np.maximum(rows, cols)
     ok = (cols >= 0) & (lo != hi) & (d < thresh)
     # the same pair can come from both of its ends: keep it once
     key = np.unique(lo[ok].astype(np.int64) * K + hi[ok], return_index=True)[1]
     return lo[ok][key], hi[ok][key], d[ok][key]
+
+
+def _pairs_within_cells(M, cell, ncell, neighbours, batch=8):
+    """For each row of M (unit vectors), its `neighbours` most similar rows in the same cell,
+    as numpy arrays (rows, cols, d = 1 - cos). Cells of similar size go together through one
+    batched matrix product (zero-padded to the largest of the batch) rather than one small
+    product per cell: ~300 tiny products and top-k's cost more in per-call thread wake-ups
+    than in arithmetic on a small (or busy) CPU. Batches of 8 keep each block in cache."""
+    K = M.shape[0]
+    size = torch.bincount(cell, minlength=ncell)
+    order = torch.argsort(cell, stable=True)               # members of each cell, contiguous
+    start = size.cumsum(0) - size
+    by_size = torch.argsort(size)                          # batch cells of similar size
+    rows, cols, d = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)], [torch.zeros(0)]
+    for i in range(0, ncell, batch):
+        cs = by_size[i:i + batch]
+        m = int(size[cs].max())
+        if m < 2:
+            continue
+        slot = torch.arange(m)
+        valid = slot < size[cs, None]                      # B x m: a real member, not padding
+        mem = torch.where(valid, order[(start[cs, None] + slot).clamp(max=K - 1)], -1)
+        X = M[mem.clamp(min=0)] * valid[..., None]
+        sim = torch.bmm(X, X.transpose(1, 2))
+        sim.masked_fill_(~valid[:, None, :], -3).diagonal(dim1=1, dim2=2).fill_(-3)  # no padding, no self
+        s, k = sim.topk(min(neighbours, m - 1), dim=2)
+        nbr = mem.gather(1, k.flatten(1)).view_as(k)
+        ok = valid[..., None] & (s > -2)                   # real member, real neighbour (cos >= -1)
+        rows.append(mem[..., None].expand_as(k)[ok]), cols.append(nbr[ok]), d.append(1 - s[ok])
+    return torch.cat(rows).numpy(), torch.cat(cols).numpy(), torch.cat(d).numpy()
 
 
 def greedy_matching(rows, cols, d, n, max_pairs=None):
@@ -171,6 +188,7 @@ class VMFMixture:
         self.k_history = []                        # K after each epoch's fit and merge
         self.n_iter = 0                            # Lloyd iterations of the last fit
         self.fits = 0                              # how many times fit() ran (seeds the inits)
+        self.dropped = 0                           # empty clusters dropped by the last fit
 
     # ------------------------------------------------------------------ E/M steps
     def _check(self, feats, index, n_total):
@@ -256,6 +274,7 @@ class VMFMixture:
             centroids, r, n, obj, it = self._lloyd(feats, self.centroids, self.iters, n_total)
         self.fits += 1
         keep = n > 0                                   # empty clusters have pi_k = 0: drop them
+        self.dropped = int((~keep).sum())              # logged: K also falls this way, not only by eq. 11
         self.centroids, self.counts = centroids[keep].contiguous(), n[keep].long()
         self.objective, self.n_iter = obj / n_total, it
         self.kappa = self._kappa(feats, r[keep], n[keep], n_total)
@@ -270,7 +289,8 @@ class VMFMixture:
         of all features (the PCA comes from the all-reduced D x D second moment) and use
         rbar'_k = ||P^T r_k|| / n_k with d' in place of D (the paper keeps d' = 150 of 256).
         Guards: a singleton cluster has rbar = 1 and kappa = inf, so it (and any non-finite
-        value) takes the median kappa of the other clusters; rbar is clamped below 1.
+        value) takes the median kappa of the other clusters; rbar is clamped below 1; kappa
+        is at most kappa_clip times the median.
         """
         K = r.shape[0]
         if self.kappa_mode == "const":
@@ -283,7 +303,14 @@ class VMFMixture:
             s2 = _all_reduce((f.T @ f).to(dev)).cpu()
             mean = s1 / n_total
             cov = s2 / n_total - torch.outer(mean, mean)
-            _, vecs = torch.linalg.eigh(cov)               # ascending eigenvalues
+            # One thread for this D x D eigh: it is tiny, and LAPACK's many short parallel
+            # regions made it take 3 s instead of 0.02 s on a busy 2-core CPU.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                _, vecs = torch.linalg.eigh(cov)           # ascending eigenvalues
+            finally:
+                torch.set_num_threads(threads)
             P = vecs[:, -self.pca_dim:]                    # D x d'
             r = r @ P
             dim = self.pca_dim
@@ -293,6 +320,10 @@ class VMFMixture:
         if bad.all():
             return torch.ones(K)
         kappa[bad] = kappa[~bad].median()
+        # ... and kappa is clamped to a sane range (SPEC 2.3): a few (near-)duplicate images
+        # form a tight cluster with rbar ~ 1 - 1e-6 and kappa ~ 1e7; left alone, that one value
+        # sets the mean of kappa_for_loss() and scales every other cluster's loss to ~0.
+        kappa = kappa.clamp(max=self.kappa_clip * kappa.median())
         return kappa.float()
 
     def kappa_for_loss(self):
@@ -325,7 +356,9 @@ class VMFMixture:
         M = self.centroids
         K = M.shape[0]
         pairs = K * (K - 1)
-        s1 = (M.double().sum(0).square().sum() - K) / pairs     # E[cos]
+        # fp32 sum (cascaded, ~1e-7 relative) then double: a K x D float64 copy would cost
+        # more than the whole D x D product below at K = 100,000 (0.2 GB of fresh memory)
+        s1 = (M.sum(0).double().square().sum() - K) / pairs     # E[cos]
         s2 = ((M.T @ M).double().square().sum() - K) / pairs    # E[cos^2] (D x D product in fp32)
         mean_d = 1 - s1                                         # E[1 - cos]
         var_d = (s2 - s1 ** 2).clamp(min=0)                     # Var[1 - cos] = Var[cos]
@@ -351,17 +384,22 @@ class VMFMixture:
         if len(a) == 0:
             return 0, thresh
         a, b = torch.from_numpy(a), torch.from_numpy(b)
-        na, nb = self.counts[a].double(), self.counts[b].double()
+        na, nb = self.counts[a].float(), self.counts[b].float()
         mu = self.centroids
-        merged = torch.nn.functional.normalize(na[:, None] * mu[a].double() + nb[:, None] * mu[b].double(), dim=1)
-        kap = (na * self.kappa[a].double() + nb * self.kappa[b].double()) / (na + nb).clamp(min=1)
-        self.centroids[a] = merged.float()
-        self.kappa[a] = kap.float()
-        self.counts[a] = self.counts[a] + self.counts[b]
+        # float32, in place on the gathered copies: float64 temporaries of the ~40k x 256
+        # merged rows took ~0.4 s at K = 100,000
+        merged = mu[a].mul_(na[:, None]).add_(mu[b].mul_(nb[:, None]))
+        merged = merged.div_(merged.norm(dim=1, keepdim=True).clamp_(min=1e-12))
+        kap = (na * self.kappa[a] + nb * self.kappa[b]) / (na + nb).clamp(min=1)
+        n_ab = self.counts[a] + self.counts[b]
+        # Drop b first (boolean indexing copies), then write the merged a rows into the copies:
+        # the old tensors are never written to, so a state_dict() taken before the merge, or
+        # the checkpoint dict given to load_state_dict(), keeps its values.
         keep = torch.ones(K, dtype=torch.bool)
         keep[b] = False
-        self.centroids = self.centroids[keep].contiguous()
-        self.counts, self.kappa = self.counts[keep], self.kappa[keep]
+        at = keep.cumsum(0)[a] - 1                              # where row a lands after the drop
+        self.centroids, self.counts, self.kappa = self.centroids[keep], self.counts[keep], self.kappa[keep]
+        self.centroids[at], self.counts[at], self.kappa[at] = merged, n_ab, kap
         return len(a), thresh
 
     # ------------------------------------------------------------------ state
@@ -369,6 +407,7 @@ class VMFMixture:
         """What the training log records every epoch (collapse shows as one giant cluster)."""
         c = self.counts.float()
         return {"K": int(self.centroids.shape[0]), "objective": self.objective, "kmeans_iters": self.n_iter,
+                "dropped_empty": self.dropped,
                 "cluster_min": int(c.min()), "cluster_median": float(c.median()), "cluster_max": int(c.max()),
                 "kappa_min": float(self.kappa.min()), "kappa_median": float(self.kappa.median()),
                 "kappa_max": float(self.kappa.max())}

@@ -425,11 +425,17 @@ def train(args):
             dist.all_reduce(sums)
             sums /= args.world_size
         times["training"] = time.time() - t0
-        # ---- 4. merging, eq. 11 (same result on every rank: same centroids, same seed)
+        # ---- 4. merging, eq. 11: rank 0 merges and sends the result to the others, so all
+        # ranks hold bit-identical mixtures even where Faiss / BLAS differ between nodes
         merged, thresh = 0, float("nan")
         if use_clusters and not args.no_merge:
             t0 = time.time()
-            merged, thresh = mixture.merge(args.merge_lambda, min_clusters=args.min_clusters)
+            if args.master:
+                merged, thresh = mixture.merge(args.merge_lambda, min_clusters=args.min_clusters)
+            if args.distributed:
+                box = [(mixture.centroids, mixture.counts, mixture.kappa, merged, thresh)]
+                dist.broadcast_object_list(box, src=0)
+                mixture.centroids, mixture.counts, mixture.kappa, merged, thresh = box[0]
             times["merging"] = time.time() - t0
         if use_clusters:
             mixture.k_history.append(int(mixture.centroids.shape[0]))

@@ -34,7 +34,7 @@ def test_two_epochs_write_checkpoint_and_log_and_merge(tmp_path):
     log = read_log(out)
     assert [r["epoch"] for r in log] == [1, 2]
     for r in log:  # every field a user plots or greps for
-        for k in ("loss", "loss_inst", "loss_clus", "lr", "momentum", "K", "merged", "cluster_max",
+        for k in ("loss", "loss_inst", "loss_clus", "lr", "momentum", "K", "merged", "dropped_empty", "cluster_max",
                   "kappa_min", "kappa_max", "images_per_s"):
             assert k in r
         assert set(r["time"]) >= {"features", "clustering", "training", "merging", "epoch"}
