@@ -305,6 +305,9 @@ def train(args):
         fail(f"--batch-size {args.batch_size} is larger than the data set (N = {N}): use a smaller batch")
     if args.batch_size % args.world_size:
         fail(f"--batch-size {args.batch_size} must be divisible by the number of processes ({args.world_size})")
+    if args.instance_loss == "none" and (args.cluster_warmup_epochs > 0 or args.cluster_weight == 0):
+        fail("--instance-loss none trains on the cluster loss alone ('SiamMM w/o i'): it needs --cluster-weight > 0 "
+             "and no --cluster-warmup-epochs")
     if args.num_clusters > N:
         fail(f"--num-clusters {args.num_clusters} is larger than the data set (N = {N}): use fewer clusters")
     sampler = torch.utils.data.DistributedSampler(train_set, args.world_size, args.rank, shuffle=True,

@@ -149,6 +149,11 @@ def test_too_many_clusters_and_too_large_batch(tmp_path, capsys):
     assert "--batch-size 256" in msg
 
 
+def test_nothing_to_train_on(tmp_path, capsys):
+    msg = error_line(capsys, TINY + ["--instance-loss", "none", "--cluster-weight", "0", "--out-dir", str(tmp_path / "o")])
+    assert "--instance-loss none" in msg
+
+
 def test_incompatible_resume(tmp_path, capsys):
     out = run(tmp_path, "--epochs", "1", name="r")
     msg = error_line(capsys, TINY + ["--out-dir", out, "--resume", "auto", "--dim", "32"])
