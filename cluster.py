@@ -46,6 +46,12 @@ def _reduce_device():
     return torch.device("cpu")
 
 
+# Up to this many centroids, merging searches all pairs exactly (Faiss kNN); above it, on a
+# CPU, within coarse cells (close_pairs). Exact search at K = 8,000 costs about as much as
+# the cell search at K = 100,000.
+EXACT_MAX = 8000
+
+
 def knn_search(queries, database, k):
     """Exact inner-product search with Faiss: for each query row, the k database rows with
     the largest dot product (= cosine similarity for unit vectors). Returns (sims, ids) as
@@ -54,14 +60,14 @@ def knn_search(queries, database, k):
     q = np.ascontiguousarray(queries, dtype=np.float32)
     db = np.ascontiguousarray(database, dtype=np.float32)
     index = faiss.IndexFlatIP(db.shape[1])
-    if _on_gpu():
+    if faiss_on_gpu():
         dev = torch.cuda.current_device() if torch.cuda.is_available() else 0
         index = faiss.index_cpu_to_gpu(_gpu_resources(), dev, index)
     index.add(db)
     return index.search(q, k)
 
 
-def close_pairs(centroids, thresh, neighbours=5, exact_max=8000, seed=0):
+def close_pairs(centroids, thresh, neighbours=5, exact_max=EXACT_MAX, seed=0):
     """Candidate pairs (j < k) of unit centroids with d_jk = 1 - mu_j.mu_k < thresh, as
     numpy arrays (rows, cols, d). Only close pairs matter for eq. 11, so the K x K matrix
     is never formed:
@@ -74,7 +80,7 @@ def close_pairs(centroids, thresh, neighbours=5, exact_max=8000, seed=0):
       split by a cell border is missed this time and found at a later epoch's merge."""
     K, D = centroids.shape
     c = np.ascontiguousarray(centroids, dtype=np.float32)
-    if K <= exact_max or _on_gpu():
+    if K <= exact_max or faiss_on_gpu():
         sims, ids = knn_search(c, c, min(neighbours + 1, K))
         rows = np.repeat(np.arange(K), ids.shape[1])
         cols, d = ids.reshape(-1), 1 - sims.reshape(-1)
@@ -145,7 +151,8 @@ def greedy_matching(rows, cols, d, n, max_pairs=None):
     return d_rows[taken], d_cols[taken]
 
 
-def _on_gpu():
+def faiss_on_gpu():
+    """True where Faiss was built with GPU support and sees a GPU (faiss-gpu on a GPU machine)."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 

@@ -55,8 +55,9 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 import data
-from cluster import VMFMixture, knn_search
+from cluster import VMFMixture, faiss_on_gpu, knn_search
 from model import SiamMM, build_backbone
+from train import autocast  # bf16 on a GPU, exact fp32 on a CPU
 
 
 class EvalError(Exception):
@@ -255,13 +256,6 @@ def changed_keys(module, digest):
 
 
 # ----------------------------------------------------------------------------- features
-def autocast(device):
-    # bf16 on a GPU for the feature passes (features are cast back to fp32); exact fp32 on a CPU
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 @torch.no_grad()
 def extract_features(loader, backbone, embed=None, device=torch.device("cpu"), desc="features"):
     """Frozen features of every image of a loader (eval transform, no augmentation).
@@ -509,8 +503,7 @@ def spherical_kmeans(feats, k, seed=0, niter=50, nredo=5):
     on unnormalised features as a common mistake) with Faiss, best of nredo seeded runs,
     on all points (no subsampling). Returns (assignments, K x D centroids)."""
     x = np.ascontiguousarray(F.normalize(torch.as_tensor(feats).float(), dim=1).numpy())
-    on_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0   # faiss-gpu with a GPU
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, spherical=True, seed=seed, gpu=on_gpu,
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, spherical=True, seed=seed, gpu=faiss_on_gpu(),
                       max_points_per_centroid=max(256, x.shape[0]), verbose=False)
     km.train(x)
     _, ids = km.index.search(x, 1)

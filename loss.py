@@ -151,10 +151,8 @@ def siammm_loss(q1, q2, k1, k2, centroids=None, kappa=None, nbr=None, w=None,
                         + cluster_loss_neg_instances(q2, k1, centroids, kappa, nbr, neg_t))
     else:
         raise ValueError(f"unknown cluster loss {cluster!r}: mle, neg-centroids or neg-instances")
-    # Fix: with instance="none" and no cluster term (warm-up epochs, centroids=None, or
-    # cluster_weight=0) the total was a constant without grad_fn, and backward() failed with
-    # an opaque autograd RuntimeError; say what is wrong instead (train.py turns ValueError
-    # into a one-line error).
+    # With no instance term and no cluster term the total is a constant with no gradient, and
+    # backward() would fail with an opaque autograd error: say what is wrong instead.
     if instance == "none" and (centroids is None or cluster_weight == 0):
         raise ValueError("instance loss 'none' needs the cluster loss, but there is no cluster term "
                          "(cluster warm-up epoch or cluster weight 0): nothing to train on")

@@ -243,7 +243,7 @@ def feature_pass(model, ds, args):
         x = x.to(args.dev, non_blocking=True)
         if args.dev.type == "cuda":
             x = x.to(memory_format=torch.channels_last)
-        with autocast(args):
+        with autocast(args.dev, args.amp):
             z = model.embed(x)
         feats.append(z.float().cpu())
         index.append(idx)
@@ -251,10 +251,12 @@ def feature_pass(model, ds, args):
     return torch.cat(feats), torch.cat(index)
 
 
-def autocast(args):
-    if args.dev.type != "cuda" or args.amp == "none":
+def autocast(device, amp="bf16"):
+    """Mixed precision on CUDA (bf16 by default, fp16 with a GradScaler); exact fp32 on a CPU.
+    evaluate.py and bench/ use it too."""
+    if device.type != "cuda" or amp == "none":
         return torch.autocast("cpu", enabled=False)
-    return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 @torch.no_grad()
@@ -401,7 +403,7 @@ def train(args):
             x1, x2 = x1.to(args.dev, non_blocking=True), x2.to(args.dev, non_blocking=True)
             if args.dev.type == "cuda":
                 x1, x2 = x1.to(memory_format=torch.channels_last), x2.to(memory_format=torch.channels_last)
-            with autocast(args):
+            with autocast(args.dev, args.amp):
                 q1, q2, k1, k2 = model(x1, x2)
             q1, q2, k1, k2 = q1.float(), q2.float(), k1.float(), k2.float()
             nbr = w = None

@@ -47,7 +47,7 @@ def main():
     w = torch.full((B, args.soft_k), 1.0 / args.soft_k, device=dev)
 
     def step():
-        with train.autocast(args):
+        with train.autocast(dev, args.amp):
             q1, q2, k1, k2 = model(x1, x2)
         loss, _, _ = siammm_loss(q1.float(), q2.float(), k1.float(), k2.float(), centroids, kappa, nbr, w)
         opt.zero_grad(set_to_none=True)
