@@ -206,6 +206,9 @@ class VMFMixture:
             raise ValueError("features contain NaN or inf: the encoder has diverged (lower --lr, or resume an earlier checkpoint)")
         if index.shape[0] != feats.shape[0]:
             raise ValueError("index and features differ in length")
+        if index.numel() and (index.min() < 0 or index.max() >= n_total):
+            raise ValueError(f"sample index {int(index.max() if index.max() >= n_total else index.min())} is outside "
+                             f"0..{n_total - 1}: indices must be positions in the data set (N = {n_total})")
         if self.num_clusters > n_total:
             raise ValueError(f"--num-clusters {self.num_clusters} is larger than the number of samples N = {n_total}: "
                              "use fewer clusters")

@@ -132,11 +132,20 @@ class Solarize:
 
 
 class GaussianBlur:
-    """MoCo v3 / SimCLR blur: radius drawn from [0.1, 2.0] (PIL, on the image before ToTensor)."""
+    """MoCo v3 / SimCLR blur: sigma drawn from [0.1, 2.0] px at 224 px (PIL, on the image
+    before ToTensor), scaled by size / 224 for other sizes: SimCLR sizes its kernel as 10% of
+    the image, so the blur must shrink with the image. Unscaled, a 2 px blur on a 16 px
+    Fashion-MNIST view (on every view 1, p = 1.0) wipes out the texture that tells a shirt
+    from a pullover; scaled, small views are barely blurred, as in SimSiam's CIFAR recipe,
+    which drops blur altogether."""
+
+    def __init__(self, scale=1.0):
+        self.scale = scale
 
     def __call__(self, img):
         # torch's RNG, so a resumed run (which restores it) draws the same radii
-        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(0.1, 2.0))))
+        sigma = float(torch.empty(()).uniform_(0.1, 2.0)) * self.scale
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
 def normalize(name):
@@ -147,12 +156,13 @@ def normalize(name):
 
 def moco_v3_view(name, size, blur_p, solarize_p, crop_min=0.08):
     """One view of MoCo v3's asymmetric augmentation (view 1: blur 1.0, solarise 0.0;
-    view 2: blur 0.1, solarise 0.2). Colour jitter acts as brightness/contrast on grayscale."""
+    view 2: blur 0.1, solarise 0.2), sized for the data: the crop and the blur's sigma follow
+    `size`. Colour jitter acts as brightness/contrast on grayscale."""
     return T.Compose([
         T.RandomResizedCrop(size, scale=(crop_min, 1.0)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur()], p=blur_p),
+        T.RandomApply([GaussianBlur(size / 224)], p=blur_p),
         T.RandomApply([Solarize()], p=solarize_p),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
@@ -178,6 +188,20 @@ def eval_transform(name, size):
     if name == "fashion-mnist":
         return T.Compose([T.Resize(size), T.ToTensor(), normalize(name)])
     return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), normalize(name)])
+
+
+def feature_batches(n, batch_size, rank=0, world_size=1):
+    """Batches of sample positions 0..n-1 for a feature pass, this rank's share.
+
+    The batches are cut the same way whatever the world size and dealt out whole (rank r
+    gets batches r, r + W, ...), so with batch-statistics BN (SiamMM.embed) every image gets
+    the same embedding on 1 or 8 GPUs, each image is embedded exactly once, and nothing is
+    padded. A last batch of 1 image is folded into the one before: BN needs 2."""
+    cuts = list(range(0, n, batch_size)) + [n]
+    if len(cuts) > 2 and cuts[-1] - cuts[-2] < 2:
+        del cuts[-2]
+    batches = [list(range(a, b)) for a, b in zip(cuts[:-1], cuts[1:])]
+    return batches[rank::world_size]
 
 
 def subset(ds, n, seed=0):

@@ -263,7 +263,9 @@ def extract_features(loader, backbone, embed=None, device=torch.device("cpu"), d
     backbone(x): the pooled ResNet features (512-d resnet18, 2048-d resnet50) that kNN and
     the linear probe use. embed(x), optional: SiamMM.embed, the normalised momentum
     embedding the mixture was fit on (sec. 5.1), used to assign images to clusters.
-    Modules are in eval mode, so BN uses its running statistics and nothing is updated.
+    Modules are in eval mode, so the backbone's BN uses its running statistics and nothing
+    is updated (embed may normalise with batch statistics, as training did; it updates
+    nothing either).
     Returns (features, embeddings or None, labels), on the CPU."""
     backbone.eval()
     feats, embs, labels = [], [], []
@@ -710,8 +712,10 @@ def summary_table(res):
 
 # ----------------------------------------------------------------------------- main
 def loader_for(ds, args, device):
-    return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                                       pin_memory=device.type == "cuda")
+    """In order, in batches of --batch-size with no batch of a single image (the momentum
+    embedding may use batch statistics, as train.py's feature pass does)."""
+    return torch.utils.data.DataLoader(ds, batch_sampler=data.feature_batches(len(ds), args.batch_size),
+                                       num_workers=args.workers, pin_memory=device.type == "cuda")
 
 
 def evaluate(args):
@@ -727,7 +731,9 @@ def evaluate(args):
         model, mixture, train_args = load_checkpoint(args)
         model = model.to(device)
         backbone = model.backbone if args.encoder == "online" else model.momentum_backbone
-        feat_dim, embed = model.feat_dim, model.embed
+        # the embedding exactly as train.py's feature pass made it (BN statistics included)
+        feature_bn = train_args.get("feature_bn", "running")   # checkpoints older than the flag: running
+        feat_dim, embed = model.feat_dim, lambda x: model.embed(x, feature_bn)
         run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     else:
         if args.encoder != "online":

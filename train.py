@@ -45,9 +45,11 @@ from model import SiamMM, momentum_at
 # ----------------------------------------------------------------------------- config
 # Presets set defaults; any flag given on the command line wins over its preset.
 PRESETS = {
-    # The embedded default: Fashion-MNIST on a 2-core CPU in minutes. Small stem for
-    # 28 px images, small heads, a 10k-image subset, SGD (LARS needs large batches).
-    "cpu": dict(data="fashion-mnist", arch="resnet18", small_stem=True, img_size=16, subset=10000,
+    # The embedded default: Fashion-MNIST on a 2-core CPU in about 6 minutes. Small stem
+    # for 28 px images, small heads, a 5k-image subset, SGD (LARS needs large batches).
+    # (The ImageNet stem at 32 px trains twice as fast and gives a better kNN, but its
+    # mixture collapses towards a few giant clusters: bench/RESULTS.md.)
+    "cpu": dict(data="fashion-mnist", arch="resnet18", small_stem=True, img_size=16, subset=5000,
                 proj_hidden=512, pred_hidden=512, dim=128, pca_dim=64, batch_size=128, epochs=3,
                 optimizer="sgd", lr=0.06, weight_decay=5e-4, warmup_epochs=0, momentum=0.99,
                 num_clusters=500, crop_min=0.2, workers=2),
@@ -100,6 +102,11 @@ def get_args(argv=None):
     p.add_argument("--kappa-clip", type=float, default=10.0, help="largest normalised kappa (mean is 1)")
     p.add_argument("--kmeans-iters", type=int, default=3, help="Lloyd iterations per epoch, warm-started (sec. 4.3)")
     p.add_argument("--init-iters", type=int, default=20, help="Lloyd iterations of the first (and re-initialised) k-means")
+    p.add_argument("--feature-bn", default="batch", choices=["batch", "running"],
+                   help="BN statistics of the feature pass: each batch's own, as when the momentum branch makes the "
+                        "targets k, or the eval-mode running ones (they collapse the mixture; see SiamMM.embed)")
+    p.add_argument("--feature-batch-size", type=int, default=256,
+                   help="images per batch of the feature pass, per process (the same cut on any number of GPUs)")
     p.add_argument("--reinit-centroids", action="store_true",
                    help="ablation (Table 7, Fig. 7): fresh k-means every epoch with --nredo restarts, PCL style")
     p.add_argument("--nredo", type=int, default=5, help="restarts with --reinit-centroids")
@@ -188,12 +195,15 @@ def setup_distributed(args):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     args.rank, args.world_size, args.local_rank = 0, 1, 0
+    args.local_group = None   # a process group of this rank alone, for SyncBN in the feature pass
     if args.distributed:
         args.rank, args.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if args.device == "cuda":
             torch.cuda.set_device(args.local_rank)
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        if args.device == "cuda":   # SyncBN (GPU only) must not sync the feature pass (model.batch_statistics)
+            args.local_group, _ = dist.new_subgroups(group_size=1)
     args.master = args.rank == 0
     args.dev = torch.device("cuda", args.local_rank) if args.device == "cuda" else torch.device("cpu")
 
@@ -219,6 +229,11 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def saved_args(args):
+    """The flags as written to args.json and the checkpoint (no process-group handle)."""
+    return {k: v for k, v in vars(args).items() if k != "local_group"} | {"dev": str(args.dev)}
+
+
 def fail(msg):
     """One clear line for a person, no traceback, exit status 2. (An error raised in a
     DataLoader worker arrives wrapped in the worker's traceback: keep its last line.)"""
@@ -231,23 +246,27 @@ def fail(msg):
 def feature_pass(model, ds, args):
     """z_i = momentum embedding of every training image (eval transform), this rank's share.
 
-    Rank r embeds samples r, r + W, r + 2W, ...: every sample exactly once over all ranks and
-    no sampler padding, so the cluster statistics (sums over samples, all-reduced) count each
-    image once (SPEC 2.4). Returns (features n_r x D on CPU, dataset indices n_r)."""
-    shard = torch.utils.data.Subset(ds, range(args.rank, len(ds), args.world_size))
-    loader = torch.utils.data.DataLoader(shard, batch_size=max(args.batch_size // args.world_size, 1) * 2,
-                                         num_workers=args.workers, pin_memory=args.dev.type == "cuda")
-    model.eval()  # BN uses running statistics; the momentum encoder is never trained anyway
+    The data are cut into batches of --feature-batch-size independently of the world size
+    and rank r embeds batches r, r + W, ...: every sample exactly once over all ranks and no
+    sampler padding, so the cluster statistics (sums over samples, all-reduced) count each
+    image once (SPEC 2.4), and each z_i is the same on any number of GPUs.
+    Returns (features n_r x D on CPU, dataset indices n_r)."""
+    batches = data.feature_batches(len(ds), args.feature_batch_size, args.rank, args.world_size)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=args.workers,
+                                         pin_memory=args.dev.type == "cuda")
+    model.eval()  # with --feature-bn batch, embed() switches BN to batch statistics itself
     feats, index = [], []
     for x, _, idx in tqdm(loader, desc="  features", disable=not args.master, leave=False):
         x = x.to(args.dev, non_blocking=True)
         if args.dev.type == "cuda":
             x = x.to(memory_format=torch.channels_last)
         with autocast(args.dev, args.amp):
-            z = model.embed(x)
+            z = model.embed(x, args.feature_bn, args.local_group)
         feats.append(z.float().cpu())
         index.append(idx)
     model.train()
+    if not feats:   # more ranks than batches: this rank holds no sample
+        return torch.zeros(0, args.dim), torch.zeros(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(index)
 
 
@@ -370,7 +389,7 @@ def train(args):
         print(f"SiamMM | {args.arch} on {args.data} (N = {N}) | {args.world_size} x {args.dev.type} | "
               f"batch {args.batch_size} | {args.epochs} epochs | K0 = {args.num_clusters}")
         with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-            json.dump(vars(args) | {"dev": str(args.dev)}, f, indent=1)
+            json.dump(saved_args(args), f, indent=1)
     log_path = os.path.join(args.out_dir, "log.jsonl")
 
     for epoch in range(start_epoch, args.epochs):
@@ -459,7 +478,7 @@ def train(args):
                   f"{k_txt} | {rec['images_per_s']:.0f} img/s | {rec['time']['epoch']:.0f}s")
             ckpt = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "mixture": mixture.state_dict() if mixture.centroids is not None else None,
-                    "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "args": vars(args) | {"dev": str(args.dev)},
+                    "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "args": saved_args(args),
                     "rng": gather_rng(args)}
             atomic_save(ckpt, ckpt_path)
             if args.save_every and (epoch + 1) % args.save_every == 0:

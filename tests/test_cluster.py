@@ -597,6 +597,14 @@ def test_error_dim_mismatch_with_saved_state():
     assert "D = 16" in one_line(e)
 
 
+def test_error_index_outside_the_data_set():
+    X = unit(torch.randn(50, 8))
+    with pytest.raises(ValueError) as e:
+        VMFMixture(8, 5).fit(X, torch.arange(50) + 1, 50)     # 1..50 with N = 50
+    msg = one_line(e)
+    assert "50" in msg and "0..49" in msg
+
+
 def test_error_unknown_kappa_mode():
     with pytest.raises(ValueError, match="pca, mle or const"):
         VMFMixture(8, 4, kappa_mode="median")

@@ -17,6 +17,7 @@ import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import model  # noqa: E402
 from model import SiamMM, build_backbone, mlp, momentum_at  # noqa: E402
 
 DIM, HID = 16, 32
@@ -331,7 +332,7 @@ def test_embed_uses_momentum_branch_without_grad():
     perturb(m.momentum_parameters(), seed=3)
     m.eval()
     x = images(seed=5)
-    z = m.embed(x)
+    z = m.embed(x, bn="running")
     assert z.shape == (4, DIM) and not z.requires_grad
     assert torch.allclose(z.norm(dim=1), torch.ones(4), atol=1e-5)
     with torch.no_grad():
@@ -339,9 +340,35 @@ def test_embed_uses_momentum_branch_without_grad():
     assert torch.allclose(z, k1, atol=1e-6)
     # changing the online branch does not change embed(), changing the momentum one does
     perturb(m.online_parameters(), seed=4)
-    assert torch.allclose(m.embed(x), z, atol=1e-6)
+    assert torch.allclose(m.embed(x, bn="running"), z, atol=1e-6)
     perturb(m.momentum_parameters(), seed=6)
-    assert not torch.allclose(m.embed(x), z, atol=1e-4)
+    assert not torch.allclose(m.embed(x, bn="running"), z, atol=1e-4)
+
+
+def test_embed_batch_statistics_equal_the_training_targets_and_change_nothing():
+    """embed(bn="batch") on a model in eval mode gives exactly the momentum targets k of a
+    training step on the same batch, and leaves every BN buffer and mode as it was."""
+    m = small_model()
+    perturb(m.momentum_parameters(), seed=3)
+    for mod in m.modules():   # running statistics far from any batch's, as after training on crops
+        if isinstance(mod, nn.BatchNorm1d) or isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.fill_(0.5)
+            mod.running_var.fill_(3.0)
+    m.eval()
+    buffers = {k: v.clone() for k, v in m.state_dict().items()}
+    x = images(seed=5)
+    z = m.embed(x)                                  # the default: batch statistics
+    assert all(torch.equal(buffers[k], v) for k, v in m.state_dict().items())
+    assert not any(mod.training for mod in m.modules())
+    assert not torch.allclose(z, m.embed(x, bn="running"), atol=1e-3)
+    m.train()
+    with torch.no_grad():
+        _, _, k1, _ = m(x, x)
+    assert torch.allclose(z, k1, atol=1e-5)
+    # the pre-normalisation output of the projector's last BN is standardised per dimension
+    with torch.no_grad(), model.batch_statistics(m.momentum_backbone, m.momentum_projector):
+        h = m.momentum_projector(m.momentum_backbone(x))
+    assert torch.allclose(h.mean(0), torch.zeros(DIM), atol=1e-4)
 
 
 def test_everything_on_cpu():

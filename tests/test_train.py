@@ -89,7 +89,7 @@ def free_port():
 def test_torchrun_two_processes_match_one_process_clustering(tmp_path):
     """2 gloo processes: each embeds half of the data; the first clustering (all-reduced
     sums) must equal the one-process clustering of the same features."""
-    common = TINY + ["--epochs", "1", "--no-merge"]
+    common = TINY + ["--epochs", "1", "--no-merge", "--feature-batch-size", "48"]   # rank 0: 2 batches, rank 1: 1
     one = str(tmp_path / "one")
     train.main(common + ["--out-dir", one])
     two = str(tmp_path / "two")
@@ -169,3 +169,38 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     assert after["epoch"] == 1
     for k, v in before["model"].items():
         assert torch.equal(v, after["model"][k])
+
+
+def test_feature_batches_cover_every_sample_once_and_never_a_single_image():
+    import data
+    for n, b, w in [(128, 32, 1), (128, 48, 2), (129, 32, 3), (33, 32, 1), (5, 32, 8), (1000, 256, 8)]:
+        shards = [data.feature_batches(n, b, r, w) for r in range(w)]
+        got = sorted(i for s in shards for batch in s for i in batch)
+        assert got == list(range(n))
+        assert all(len(batch) >= 2 for s in shards for batch in s)
+        # the cut does not depend on the world size: the same batches, dealt out
+        one = data.feature_batches(n, b)
+        assert sorted(map(tuple, (batch for s in shards for batch in s))) == sorted(map(tuple, one))
+
+
+def test_blur_is_sized_for_the_image():
+    """The MoCo v3 blur's sigma (0.1-2.0 px at 224 px) scales with the view size: at 224 px it
+    is the paper's blur, at 32 px it must leave a Fashion-MNIST image almost untouched
+    (an unscaled 2 px blur at 32 px erases the garment's texture)."""
+    import numpy as np
+    from PIL import Image
+
+    import data
+    img = Image.fromarray((torch.rand(32, 32) * 255).to(torch.uint8).numpy())
+    x = torch.tensor(np.asarray(img), dtype=torch.float32)
+
+    def change(scale):
+        torch.manual_seed(0)
+        y = torch.tensor(np.asarray(data.GaussianBlur(scale)(img)), dtype=torch.float32)
+        return (y - x).abs().mean().item()
+    assert change(32 / 224) < 0.1 * change(1.0)
+    assert change(1.0) > 20          # the unscaled blur really does smear a noise image
+    view = data.moco_v3_view("fashion-mnist", 32, 1.0, 0.0)
+    blurs = [t for a in view.transforms if hasattr(a, "transforms") for t in a.transforms
+             if isinstance(t, data.GaussianBlur)]
+    assert [b.scale for b in blurs] == [32 / 224]
