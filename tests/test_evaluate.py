@@ -226,7 +226,8 @@ def tiny_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     targs = dict(data="fashion-mnist", data_dir="", arch="resnet18", small_stem=True, img_size=8, subset=300,
-                 proj_hidden=32, pred_hidden=32, dim=16, seed=0, num_clusters=12, crop_min=0.2)
+                 proj_hidden=32, pred_hidden=32, dim=16, seed=0, num_clusters=12, crop_min=0.2,
+                 feature_bn="batch")   # embed()'s default below, as train.py's feature pass
     model = SiamMM("resnet18", True, 1, 32, 32, 16).eval()
     ds = data.subset(data.load_dataset("fashion-mnist", "", "train", data.eval_transform("fashion-mnist", 8)), 300, 0)
     z = torch.cat([model.embed(x) for x, _, _ in torch.utils.data.DataLoader(ds, batch_size=150)])
