@@ -246,16 +246,16 @@ class VMFMixture:
             prev = obj / n_total
         return centroids, r, n, obj, it
 
-    def _random_init(self, feats, index, n_total, seed):
-        """K0 features chosen uniformly at random from all N (Faiss's own init). The choice
+    def _random_init(self, feats, index, n_total, seed, k):
+        """k features chosen uniformly at random from all N (Faiss's own init). The choice
         depends only on the seed and N, not on how the data is sharded over ranks: every
         rank draws the same global ids and contributes the rows it owns."""
         g = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(n_total, generator=g)[: self.num_clusters]
+        chosen = torch.randperm(n_total, generator=g)[:k]
         slot = torch.full((n_total,), -1, dtype=torch.long)
-        slot[chosen] = torch.arange(self.num_clusters)
+        slot[chosen] = torch.arange(k)
         mine = slot[index]
-        init = torch.zeros(self.num_clusters, self.dim, dtype=torch.float32)
+        init = torch.zeros(k, self.dim, dtype=torch.float32)
         init[mine[mine >= 0]] = feats[mine >= 0]
         return _all_reduce(init.to(_reduce_device())).cpu()
 
@@ -273,9 +273,12 @@ class VMFMixture:
         index = index.long().cpu()
         self._check(feats, index, n_total)
         if self.centroids is None or self.reinit:
+            # K0 the first time; afterwards the current K, so that re-initialising (the Table 7
+            # ablation) changes only where the centroids start, not what merging has done
+            k = self.num_clusters if self.centroids is None else self.centroids.shape[0]
             best = None
             for redo in range(self.nredo if self.reinit else 1):
-                init = self._random_init(feats, index, n_total, self.seed + 1000 * self.fits + redo)
+                init = self._random_init(feats, index, n_total, self.seed + 1000 * self.fits + redo, k)
                 out = self._lloyd(feats, init, self.init_iters, n_total)
                 if best is None or out[3] > best[3]:
                     best = out

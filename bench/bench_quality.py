@@ -27,6 +27,7 @@ import time
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,6 +145,7 @@ def main():
             ax.plot([0] + [e for e, _ in ks], [k0] + [k for _, k in ks], marker="o", ms=3, label=r["name"])
     ax.axhline(10, ls="--", c="gray", label="true classes (10)")
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("K")
     ax.set_title("K per epoch (eq. 11 merging)")

@@ -456,6 +456,20 @@ def test_reinit_keeps_best_of_restarts(twenty_clusters):
     assert five.fits == 2 and five.n_iter > 2
 
 
+def test_reinit_keeps_the_merged_k(twenty_clusters):
+    """Re-initialising changes where the centroids start, not K: after merges the next fresh
+    k-means has the merged K, not K0 again (else the ablation would undo eq. 11 every epoch)."""
+    X, _ = twenty_clusters
+    N = len(X)
+    idx = torch.arange(N)
+    mix = VMFMixture(16, 40, kappa_mode="mle", reinit=True, nredo=2, seed=0).fit(X, idx, N)
+    merged, _ = mix.merge(0.0)
+    k = mix.centroids.shape[0]
+    assert merged > 0 and k < 40
+    mix.fit(X, idx, N)
+    assert mix.centroids.shape[0] <= k
+
+
 # ---------------------------------------------------------------------------- kappa guards, state
 def test_singleton_cluster_gets_median_kappa():
     D = 8
