@@ -134,7 +134,7 @@ def main():
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump([{k: v for k, v in r.items()} for r in rows], f, indent=1)
+        json.dump(rows, f, indent=1)
 
     # ---- Fig. 2: K per epoch for every run with a mixture
     fig, ax = plt.subplots(figsize=(6, 4))
