@@ -14,7 +14,8 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 $(VENV)/.installed: requirements.txt | $(BIN)/python
-	$(BIN)/pip install -r requirements.txt
+	@df -Pk . | awk 'NR==2 && $$4 < 8000000 {print "warning: " int($$4/1048576) " GiB free here; the environment takes about 6 GiB (PyTorch with its CUDA libraries)"}'
+	$(BIN)/pip install --no-cache-dir -r requirements.txt
 	touch $@
 
 # Fashion-MNIST, the embedded default data set: Debian's package where apt exists.
