@@ -650,7 +650,10 @@ WORKER = textwrap.dedent("""
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[3], rank=rank, world_size=world)
         data = torch.load(sys.argv[4])
-        mine = torch.arange(rank, len(data["X"]), world)     # DistributedSampler-style interleaved shard
+        if sys.argv[6] == "interleaved":                     # DistributedSampler-style shard
+            mine = torch.arange(rank, len(data["X"]), world)
+        else:                                                # more ranks than feature batches:
+            mine = torch.arange(len(data["X"]) if rank == 0 else 0)   # rank 1 holds no sample
         out = run(data["X"][mine], data["X2"][mine], mine, len(data["X"]))
         torch.save(out, sys.argv[5] + f".rank{{rank}}")
         dist.barrier()
@@ -664,7 +667,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("shard", ["interleaved", "empty"])
+def test_two_gloo_processes_match_one_process(tmp_path, shard):
+    """Every fit, merge and assignment is the same on two ranks as on one: with the data
+    interleaved over the ranks, and with rank 1 holding no sample at all (train.py's
+    feature pass gives a rank no batch when there are more ranks than batches)."""
     rng = np.random.default_rng(5)
     means = rng.standard_normal((6, 16))
     means /= np.linalg.norm(means, axis=1, keepdims=True)
@@ -676,7 +683,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=REPO)
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(r), "2", port,
-                               str(tmp_path / "data.pt"), str(tmp_path / "out")],
+                               str(tmp_path / "data.pt"), str(tmp_path / "out"), shard],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(2)]
     logs = [p.communicate(timeout=120)[0] for p in procs]
