@@ -200,8 +200,7 @@ def feature_batches(n, batch_size, rank=0, world_size=1):
     cuts = list(range(0, n, batch_size)) + [n]
     if len(cuts) > 2 and cuts[-1] - cuts[-2] < 2:
         del cuts[-2]
-    batches = [list(range(a, b)) for a, b in zip(cuts[:-1], cuts[1:])]
-    return batches[rank::world_size]
+    return [list(range(a, b)) for a, b in list(zip(cuts[:-1], cuts[1:]))[rank::world_size]]
 
 
 def subset(ds, n, seed=0):

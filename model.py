@@ -159,9 +159,9 @@ class SiamMM(nn.Module):
         q towards the cone's axis: the embedding collapses within an epoch.
         Batches need at least 2 images for "batch" (data.feature_batches guarantees it);
         group: this rank's own process group when the model has SyncBatchNorm layers."""
-        if bn == "running":
-            return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=1)
-        with batch_statistics(self.momentum_backbone, self.momentum_projector, process_group=group):
+        stats = (contextlib.nullcontext() if bn == "running" else
+                 batch_statistics(self.momentum_backbone, self.momentum_projector, process_group=group))
+        with stats:
             return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=1)
 
     def export_backbone(self):

@@ -47,8 +47,9 @@ from model import SiamMM, momentum_at
 PRESETS = {
     # The embedded default: Fashion-MNIST on a 2-core CPU in about 6 minutes. Small stem
     # for 28 px images, small heads, a 5k-image subset, SGD (LARS needs large batches).
-    # (The ImageNet stem at 32 px trains twice as fast and gives a better kNN, but its
-    # mixture collapses towards a few giant clusters: bench/RESULTS.md.)
+    # (The ImageNet stem at 32 px trains twice as fast and gives a better kNN at 3 epochs, but
+    # its mixture drifts towards a few giant clusters in the first epochs, and its backbone
+    # clusters worse, even given 6 epochs in about the same time: bench/RESULTS.md.)
     "cpu": dict(data="fashion-mnist", arch="resnet18", small_stem=True, img_size=16, subset=5000,
                 proj_hidden=512, pred_hidden=512, dim=128, pca_dim=64, batch_size=128, epochs=3,
                 optimizer="sgd", lr=0.06, weight_decay=5e-4, warmup_epochs=0, momentum=0.99,
