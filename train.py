@@ -16,7 +16,9 @@ Resume an interrupted run:  add --resume auto (continues from OUT_DIR/checkpoint
 
 Each epoch (sec. 5.1 "training procedure"):
   1. feature pass: the momentum encoder embeds the training set (evaluation transform);
-     every rank embeds its own shard, each sample exactly once;
+     every rank embeds its own shard, each sample exactly once (with --features targets,
+     only before the first clustering: later epochs reuse the momentum targets k that the
+     previous training epoch computed anyway, kept per sample in a bank);
   2. E/M step (cluster.py): k-means warm-started from last epoch's centroids (sec. 4.3),
      mu (eq. 6) and kappa (eq. 7 / 16); each sample's s nearest centroids and weights (eq. 10);
   3. a training epoch with L = L_inst + lambda_c L_clus (eq. 13);
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -106,6 +109,10 @@ def get_args(argv=None):
     p.add_argument("--feature-bn", default="batch", choices=["batch", "running"],
                    help="BN statistics of the feature pass: each batch's own, as when the momentum branch makes the "
                         "targets k, or the eval-mode running ones (they collapse the mixture; see SiamMM.embed)")
+    p.add_argument("--features", default="pass", choices=["pass", "targets"],
+                   help="E-step features: 'pass' = a momentum-encoder pass over the data before each epoch (SPEC 2.4, "
+                        "PCL); 'targets' = each sample's momentum targets k from the last training epoch, kept in a "
+                        "memory bank (ODC / SwAV-style online features: no pass after the first, see feature_bank_update)")
     p.add_argument("--feature-batch-size", type=int, default=256,
                    help="images per batch of the feature pass, per process (the same cut on any number of GPUs)")
     p.add_argument("--reinit-centroids", action="store_true",
@@ -280,22 +287,79 @@ def autocast(device, amp="bf16"):
 
 
 @torch.no_grad()
-def assignment_table(mixture, feats, index, n_total, args):
-    """Each sample's s nearest centroids and eq. 10 weights, as N x s tables indexed by
-    dataset index. Every rank computes its own shard's rows; a sum all-reduce fills in the
-    rest (each row is owned by exactly one rank), so any rank can look up any sample of its
-    shuffled training batch."""
-    s = min(args.soft_k, mixture.centroids.shape[0])
-    nbr_local, w_local = mixture.assign(feats, s=s, tau=args.tau, prior=args.assign_prior)
-    nbr = torch.zeros(n_total, s, dtype=torch.long)
-    w = torch.zeros(n_total, s)
-    nbr[index], w[index] = nbr_local, w_local
+def share_rows(n_total, index, values, args):
+    """An n_total-row table whose rows `index` are this rank's `values`, with the rows of
+    every other rank filled in by a sum all-reduce. Each row must be owned by exactly one
+    rank (the feature pass's cut, or one epoch of the DistributedSampler), so the sum is a
+    copy; rows no rank holds stay 0. One mechanism for every per-sample table below."""
+    table = torch.zeros((n_total,) + tuple(values.shape[1:]), dtype=values.dtype)
+    table[index.cpu()] = values.cpu()
     if args.distributed:
         red = args.dev if dist.get_backend() == "nccl" else torch.device("cpu")
-        nbr, w = nbr.to(red), w.to(red)
-        dist.all_reduce(nbr)
-        dist.all_reduce(w)
-    return nbr.to(args.dev), w.to(args.dev)
+        table = table.to(red)
+        dist.all_reduce(table)
+    return table.to(args.dev)
+
+
+@torch.no_grad()
+def assignment_table(mixture, feats, index, n_total, args):
+    """Each sample's s nearest centroids and eq. 10 weights, as N x s tables indexed by
+    dataset index. Every rank computes its own shard's rows and share_rows fills in the
+    rest, so any rank can look up any sample of its shuffled training batch."""
+    s = min(args.soft_k, mixture.centroids.shape[0])
+    nbr_local, w_local = mixture.assign(feats, s=s, tau=args.tau, prior=args.assign_prior)
+    return share_rows(n_total, index, nbr_local, args), share_rows(n_total, index, w_local, args)
+
+
+def owned_rows(n_total, args, rank=None):
+    """The dataset indices a rank embeds in the feature pass (data.feature_batches), in that
+    order: the rows of the mixture's statistics this rank owns, whatever the E-step's source."""
+    rank = args.rank if rank is None else rank
+    return torch.tensor([i for b in data.feature_batches(n_total, args.feature_batch_size, rank, args.world_size)
+                         for i in b], dtype=torch.long)
+
+
+@torch.no_grad()
+def feature_bank_update(bank, n_total, index, targets, args):
+    """--features targets: write one training epoch's momentum targets into the bank.
+
+    Each sample's row becomes normalize(k1 + k2), the mean direction of its two views'
+    targets (the vMF maximum-likelihood mean of two draws, eq. 6), as the momentum encoder
+    produced them during the epoch. Like SwAV and DINO, which cluster online, and ODC's
+    memory bank, this replaces the separate feature pass (about 1/8 of a training epoch's
+    compute) after the first clustering epoch.
+
+    The bank is sharded like the feature pass (SPEC 2.4: no rank holds N x D): rank r keeps
+    the rows of owned_rows(r). Each rank trained on a random 1/W of the data, so its
+    targets are sent to their owners, one reduce per owner (each sample is in exactly one
+    rank's epoch, so the sum is a copy). Samples no rank saw this epoch (drop_last leaves
+    out N mod batch) keep their previous row.
+    bank: (n_own x D) this rank's rows; index: (n,) dataset indices of this rank's epoch;
+    targets: (n x D) their unit-norm targets, on the CPU."""
+    D = bank.shape[1]
+    red = args.dev if args.distributed and dist.get_backend() == "nccl" else torch.device("cpu")
+    for r in range(args.world_size):
+        own = owned_rows(n_total, args, r)
+        pos = torch.full((n_total,), -1, dtype=torch.long)
+        pos[own] = torch.arange(len(own))
+        p = pos[index]
+        mine = p >= 0                                 # the samples I trained on that rank r owns
+        block = torch.zeros(len(own), D + 1)          # targets, and a last column: seen this epoch
+        block[p[mine], :D] = targets[mine]
+        block[p[mine], D] = 1
+        if args.distributed:
+            block = block.to(red)
+            dist.reduce(block, dst=r)
+        if r == args.rank:
+            block = block.cpu()
+            seen = block[:, D] > 0
+            bank[seen] = block[seen, :D]
+    return bank
+
+
+def bank_path(out_dir, rank, epoch=None):
+    """Each rank saves its own shard of the bank (as SwAV saves its queue per rank)."""
+    return os.path.join(out_dir, f"feature_bank_rank{rank}" + (f"_epoch{epoch}" if epoch else "") + ".pth")
 
 
 # ----------------------------------------------------------------------------- main
@@ -362,6 +426,7 @@ def train(args):
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pth")
     start_epoch = 0
+    bank = None   # --features targets: this rank's rows of last epoch's momentum targets (feature_bank_update)
     resume = ckpt_path if args.resume == "auto" else args.resume
     if resume and os.path.exists(resume):
         ckpt = torch.load(resume, map_location="cpu", weights_only=False)
@@ -380,6 +445,7 @@ def train(args):
         if ckpt["mixture"] is not None:
             mixture.load_state_dict(ckpt["mixture"])
         start_epoch = ckpt["epoch"]
+        bank = load_bank(os.path.dirname(resume), start_epoch, N, args)
         set_rng_state(ckpt["rng"][args.rank] if args.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if args.master:
             print(f"resumed from {resume} at epoch {start_epoch}")
@@ -402,7 +468,13 @@ def train(args):
         centroids = kappa = nbr_table = w_table = None
         if use_clusters:
             t0 = time.time()
-            feats, index = feature_pass(raw, feat_set, args)
+            source = "pass" if bank is None else "bank"
+            if bank is None:   # --features pass, or the first clustering epoch of --features targets
+                feats, index = feature_pass(raw, feat_set, args)
+                if args.features == "targets":
+                    bank = feats.clone()   # the pass returns exactly this rank's owned rows, in order
+            else:              # last epoch's targets for this rank's rows, the feature pass's cut
+                index, feats = owned_rows(N, args), bank
             times["features"] = time.time() - t0
             t0 = time.time()
             mixture.fit(feats, index, N)
@@ -413,6 +485,8 @@ def train(args):
         # ---- 3. training epoch, eq. 13
         t0 = time.time()
         sums = torch.zeros(3, device=args.dev)   # loss, L_inst, L_clus; summed on device, synced rarely
+        collect = bank is not None               # implies --features targets and clusters in use
+        seen_idx, seen_k = [], []                # --features targets: this epoch's momentum targets
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not args.master, leave=False)
         for i, ((x1, x2), _, idx) in enumerate(bar):
             t = epoch + i / steps_per_epoch
@@ -426,6 +500,9 @@ def train(args):
             with autocast(args.dev, args.amp):
                 q1, q2, k1, k2 = model(x1, x2)
             q1, q2, k1, k2 = q1.float(), q2.float(), k1.float(), k2.float()
+            if collect:
+                seen_idx.append(idx)
+                seen_k.append(F.normalize(k1 + k2, dim=1))
             nbr = w = None
             if use_clusters:
                 idx = idx.to(args.dev)
@@ -450,6 +527,11 @@ def train(args):
             dist.all_reduce(sums)
             sums /= args.world_size
         times["training"] = time.time() - t0
+        if collect:
+            t0 = time.time()
+            bank = feature_bank_update(bank, N, torch.cat(seen_idx).cpu(), torch.cat(seen_k).cpu(), args)
+            times["bank"] = time.time() - t0
+        del seen_idx, seen_k
         # ---- 4. merging, eq. 11: rank 0 merges and sends the result to the others, so all
         # ranks hold bit-identical mixtures even where Faiss / BLAS differ between nodes
         merged, thresh = 0, float("nan")
@@ -464,13 +546,19 @@ def train(args):
             times["merging"] = time.time() - t0
         if use_clusters:
             mixture.k_history.append(int(mixture.centroids.shape[0]))
-        # ---- log and checkpoint
+        # ---- log and checkpoint (every rank saves its shard of the bank first)
+        if bank is not None:
+            shard = {"epoch": epoch + 1, "n_total": N, "world_size": args.world_size,
+                     "feature_batch_size": args.feature_batch_size, "rows": bank}
+            atomic_save(shard, bank_path(args.out_dir, args.rank))
+            if args.save_every and (epoch + 1) % args.save_every == 0:
+                atomic_save(shard, bank_path(args.out_dir, args.rank, epoch + 1))
         avg = (sums / steps_per_epoch).tolist()
         rec = {"epoch": epoch + 1, "loss": avg[0], "loss_inst": avg[1], "loss_clus": avg[2], "lr": lr, "momentum": m,
                "time": {k: round(v, 3) for k, v in times.items()} | {"epoch": round(time.time() - t_epoch, 3)},
                "images_per_s": steps_per_epoch * args.batch_size / times["training"]}
         if use_clusters:
-            rec |= mixture.summary() | {"merged": merged, "merge_threshold": thresh}
+            rec |= mixture.summary() | {"merged": merged, "merge_threshold": thresh, "feature_source": source}
         if args.master:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -492,6 +580,22 @@ def train(args):
         dist.barrier()
         dist.destroy_process_group()
     return mixture
+
+
+def load_bank(run_dir, epoch, n_total, args):
+    """This rank's shard of the --features targets bank saved with the checkpoint of `epoch`,
+    or None (then the next clustering epoch refills the bank with a feature pass): no file, a
+    shard of another epoch (a crash between the two saves), or another world size or cut."""
+    path = bank_path(run_dir, args.rank)
+    if args.features != "targets" or not os.path.exists(path):
+        return None
+    shard = torch.load(path, map_location="cpu", weights_only=False)
+    same = (shard["epoch"], shard["n_total"], shard["world_size"], shard["feature_batch_size"]) == \
+        (epoch, n_total, args.world_size, args.feature_batch_size)
+    if not same and args.master:
+        print(f"{path} does not fit this run (epoch, data size, world size or --feature-batch-size differ): "
+              f"the next epoch re-embeds the data with a feature pass")
+    return shard["rows"] if same else None
 
 
 def gather_rng(args):

@@ -88,8 +88,10 @@ def free_port():
 
 def test_torchrun_two_processes_match_one_process_clustering(tmp_path):
     """2 gloo processes: each embeds half of the data; the first clustering (all-reduced
-    sums) must equal the one-process clustering of the same features."""
-    common = TINY + ["--epochs", "1", "--no-merge", "--feature-batch-size", "48"]   # rank 0: 2 batches, rank 1: 1
+    sums) must equal the one-process clustering of the same features. Epoch 2 fits on the
+    --features targets bank, which both ranks' halves of the epoch must fill."""
+    common = TINY + ["--no-merge", "--feature-batch-size", "48",   # rank 0: 2 feature batches, rank 1: 1
+                     "--features", "targets", "--save-every", "1"]
     one = str(tmp_path / "one")
     train.main(common + ["--out-dir", one])
     two = str(tmp_path / "two")
@@ -98,11 +100,23 @@ def test_torchrun_two_processes_match_one_process_clustering(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    a = torch.load(os.path.join(one, "checkpoint.pth"), weights_only=False)["mixture"]
-    b = torch.load(os.path.join(two, "checkpoint.pth"), weights_only=False)["mixture"]
+    a = torch.load(os.path.join(one, "checkpoint_epoch1.pth"), weights_only=False)["mixture"]
+    b = torch.load(os.path.join(two, "checkpoint_epoch1.pth"), weights_only=False)["mixture"]
     assert torch.equal(a["counts"], b["counts"])
     assert torch.allclose(a["centroids"], b["centroids"], atol=1e-5)
     assert torch.allclose(a["kappa"], b["kappa"], rtol=1e-4)
+    assert [r["feature_source"] for r in read_log(two)] == ["pass", "bank"]
+    # each rank keeps the rows it embeds in the feature pass (rank 0: 96, rank 1: 32). Epoch 2
+    # trained on all 128 samples, each on a random rank, so every row of both shards must be a
+    # new unit vector: targets reached their owner across ranks
+    rows = 0
+    for r in range(2):
+        first = torch.load(os.path.join(two, f"feature_bank_rank{r}_epoch1.pth"), weights_only=False)["rows"]
+        end = torch.load(os.path.join(two, f"feature_bank_rank{r}.pth"), weights_only=False)["rows"]
+        assert torch.allclose(end.norm(dim=1), torch.ones(len(end)), atol=1e-5)
+        assert ((end - first).norm(dim=1) > 1e-3).all()
+        rows += len(end)
+    assert rows == 128
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -204,3 +218,40 @@ def test_blur_is_sized_for_the_image():
     blurs = [t for a in view.transforms if hasattr(a, "transforms") for t in a.transforms
              if isinstance(t, data.GaussianBlur)]
     assert [b.scale for b in blurs] == [32 / 224]
+
+
+def test_feature_bank_update_replaces_seen_rows_and_keeps_the_rest():
+    """--features targets: a sample's row becomes the mean direction of its two views'
+    targets; samples this epoch did not reach (drop_last) keep last epoch's row."""
+    import types
+    args = types.SimpleNamespace(distributed=False, dev=torch.device("cpu"), rank=0, world_size=1,
+                                 feature_batch_size=4)
+    old = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)   # one process owns rows 0..5
+    k1, k2 = torch.eye(4)[[0, 1]], torch.eye(4)[[1, 1]]
+    new = torch.nn.functional.normalize(k1 + k2, dim=1)      # what train.py stores per sample
+    bank = train.feature_bank_update(old.clone(), 6, torch.tensor([4, 1]), new, args)
+    s = 2 ** -0.5
+    assert torch.allclose(bank[4], torch.tensor([s, s, 0, 0]))   # (e0 + e1) / sqrt 2
+    assert torch.allclose(bank[1], torch.tensor([0.0, 1, 0, 0]))
+    keep = [0, 2, 3, 5]
+    assert torch.equal(bank[keep], old[keep])
+
+
+def test_targets_features_skip_the_pass_and_resume_exactly(tmp_path):
+    """After the first clustering, --features targets fits the mixture on the bank of
+    momentum targets (no feature pass); the bank is saved with the checkpoint, so stopping
+    after epoch 2 and resuming gives the uninterrupted run's epoch-3 weights and mixture."""
+    flags = ["--features", "targets", "--epochs", "3"]
+    full = run(tmp_path, *flags, name="full")
+    assert [r["feature_source"] for r in read_log(full)] == ["pass", "bank", "bank"]
+    part = run(tmp_path, *flags, "--stop-after-epoch", "2", name="part")
+    train.main(TINY + flags + ["--out-dir", part, "--resume", "auto"])
+    a = torch.load(os.path.join(full, "checkpoint.pth"), weights_only=False)
+    b = torch.load(os.path.join(part, "checkpoint.pth"), weights_only=False)
+    bank = torch.load(os.path.join(full, "feature_bank_rank0.pth"), weights_only=False)
+    assert bank["epoch"] == 3 and bank["rows"].shape == (128, 16)
+    assert torch.allclose(bank["rows"].norm(dim=1), torch.ones(128), atol=1e-5)
+    assert torch.equal(bank["rows"], torch.load(os.path.join(part, "feature_bank_rank0.pth"), weights_only=False)["rows"])
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert torch.equal(a["mixture"]["centroids"], b["mixture"]["centroids"])
