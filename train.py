@@ -289,9 +289,8 @@ def autocast(device, amp="bf16"):
 @torch.no_grad()
 def share_rows(n_total, index, values, args):
     """An n_total-row table whose rows `index` are this rank's `values`, with the rows of
-    every other rank filled in by a sum all-reduce. Each row must be owned by exactly one
-    rank (the feature pass's cut, or one epoch of the DistributedSampler), so the sum is a
-    copy; rows no rank holds stay 0. One mechanism for every per-sample table below."""
+    every other rank filled in by a sum all-reduce. Each row is owned by exactly one rank
+    (the feature pass's cut, owned_rows), so the sum is a copy."""
     table = torch.zeros((n_total,) + tuple(values.shape[1:]), dtype=values.dtype)
     table[index.cpu()] = values.cpu()
     if args.distributed:
