@@ -17,8 +17,8 @@ Resume an interrupted run:  add --resume auto (continues from OUT_DIR/checkpoint
 Each epoch (sec. 5.1 "training procedure"):
   1. feature pass: the momentum encoder embeds the training set (evaluation transform);
      every rank embeds its own shard, each sample exactly once (with --features targets,
-     only before the first clustering: later epochs reuse the momentum targets k that the
-     previous training epoch computed anyway, kept per sample in a bank);
+     only in the first clustering epoch and the last: the others reuse the momentum
+     targets k that the previous training epoch computed anyway, kept per sample in a bank);
   2. E/M step (cluster.py): k-means warm-started from last epoch's centroids (sec. 4.3),
      mu (eq. 6) and kappa (eq. 7 / 16); each sample's s nearest centroids and weights (eq. 10);
   3. a training epoch with L = L_inst + lambda_c L_clus (eq. 13);
@@ -112,7 +112,7 @@ def get_args(argv=None):
     p.add_argument("--features", default="pass", choices=["pass", "targets"],
                    help="E-step features: 'pass' = a momentum-encoder pass over the data before each epoch (SPEC 2.4, "
                         "PCL); 'targets' = each sample's momentum targets k from the last training epoch, kept in a "
-                        "memory bank (ODC / SwAV-style online features: no pass after the first, see feature_bank_update)")
+                        "memory bank (ODC / SwAV-style online features: a pass only in the first and last epochs; feature_bank_update)")
     p.add_argument("--feature-batch-size", type=int, default=256,
                    help="images per batch of the feature pass, per process (the same cut on any number of GPUs)")
     p.add_argument("--reinit-centroids", action="store_true",
@@ -326,7 +326,7 @@ def feature_bank_update(bank, n_total, index, targets, args):
     targets (the vMF maximum-likelihood mean of two draws, eq. 6), as the momentum encoder
     produced them during the epoch. Like SwAV and DINO, which cluster online, and ODC's
     memory bank, this replaces the separate feature pass (about 1/8 of a training epoch's
-    compute) after the first clustering epoch.
+    compute) in every epoch but the first clustering one and the last.
 
     The bank is sharded like the feature pass (SPEC 2.4: no rank holds N x D): rank r keeps
     the rows of owned_rows(r). Each rank trained on a random 1/W of the data, so its
@@ -467,8 +467,12 @@ def train(args):
         centroids = kappa = nbr_table = w_table = None
         if use_clusters:
             t0 = time.time()
-            source = "pass" if bank is None else "bank"
-            if bank is None:   # --features pass, or the first clustering epoch of --features targets
+            # --features targets still runs the pass in its first clustering epoch (no targets
+            # yet) and in the last: the mixture saved for use is then fit on clean views, the
+            # kind evaluate.py assigns (fit on augmented targets, some centroids hold no clean
+            # image and the learned clusters score lower: bench/RESULTS.md)
+            source = "pass" if bank is None or epoch == args.epochs - 1 else "bank"
+            if source == "pass":
                 feats, index = feature_pass(raw, feat_set, args)
                 if args.features == "targets":
                     bank = feats.clone()   # the pass returns exactly this rank's owned rows, in order

@@ -91,7 +91,7 @@ def test_torchrun_two_processes_match_one_process_clustering(tmp_path):
     sums) must equal the one-process clustering of the same features. Epoch 2 fits on the
     --features targets bank, which both ranks' halves of the epoch must fill."""
     common = TINY + ["--no-merge", "--feature-batch-size", "48",   # rank 0: 2 feature batches, rank 1: 1
-                     "--features", "targets", "--save-every", "1"]
+                     "--features", "targets", "--save-every", "1", "--epochs", "3", "--stop-after-epoch", "2"]
     one = str(tmp_path / "one")
     train.main(common + ["--out-dir", one])
     two = str(tmp_path / "two")
@@ -240,16 +240,18 @@ def test_feature_bank_update_replaces_seen_rows_and_keeps_the_rest():
 def test_targets_features_skip_the_pass_and_resume_exactly(tmp_path):
     """After the first clustering, --features targets fits the mixture on the bank of
     momentum targets (no feature pass); the bank is saved with the checkpoint, so stopping
-    after epoch 2 and resuming gives the uninterrupted run's epoch-3 weights and mixture."""
-    flags = ["--features", "targets", "--epochs", "3"]
+    after epoch 2 and resuming (epoch 3 fits on the loaded bank) gives the uninterrupted
+    run's final weights and mixture."""
+    flags = ["--features", "targets", "--epochs", "4"]
     full = run(tmp_path, *flags, name="full")
-    assert [r["feature_source"] for r in read_log(full)] == ["pass", "bank", "bank"]
+    # the last epoch runs a pass again, so the mixture that evaluate.py uses is fit on clean views
+    assert [r["feature_source"] for r in read_log(full)] == ["pass", "bank", "bank", "pass"]
     part = run(tmp_path, *flags, "--stop-after-epoch", "2", name="part")
     train.main(TINY + flags + ["--out-dir", part, "--resume", "auto"])
     a = torch.load(os.path.join(full, "checkpoint.pth"), weights_only=False)
     b = torch.load(os.path.join(part, "checkpoint.pth"), weights_only=False)
     bank = torch.load(os.path.join(full, "feature_bank_rank0.pth"), weights_only=False)
-    assert bank["epoch"] == 3 and bank["rows"].shape == (128, 16)
+    assert bank["epoch"] == 4 and bank["rows"].shape == (128, 16)
     assert torch.allclose(bank["rows"].norm(dim=1), torch.ones(128), atol=1e-5)
     assert torch.equal(bank["rows"], torch.load(os.path.join(part, "feature_bank_rank0.pth"), weights_only=False)["rows"])
     for k, v in a["model"].items():
