@@ -319,7 +319,7 @@ def owned_rows(n_total, args, rank=None):
 
 
 @torch.no_grad()
-def feature_bank_update(bank, n_total, index, targets, args):
+def feature_bank_update(bank, owned, index, targets, args):
     """--features targets: write one training epoch's momentum targets into the bank.
 
     Each sample's row becomes normalize(k1 + k2), the mean direction of its two views'
@@ -333,19 +333,20 @@ def feature_bank_update(bank, n_total, index, targets, args):
     targets are sent to their owners, one reduce per owner (each sample is in exactly one
     rank's epoch, so the sum is a copy). Samples no rank saw this epoch (drop_last leaves
     out N mod batch) keep their previous row.
-    bank: (n_own x D) this rank's rows; index: (n,) dataset indices of this rank's epoch;
-    targets: (n x D) their unit-norm targets, on the CPU."""
+    bank: (n_own x D) this rank's rows; owned: every rank's owned_rows, computed once per
+    run; index: (n,) dataset indices of this rank's epoch; targets: (n x D) their unit-norm
+    targets, on the CPU."""
     D = bank.shape[1]
     red = args.dev if args.distributed and dist.get_backend() == "nccl" else torch.device("cpu")
-    for r in range(args.world_size):
-        own = owned_rows(n_total, args, r)
-        pos = torch.full((n_total,), -1, dtype=torch.long)
-        pos[own] = torch.arange(len(own))
-        p = pos[index]
-        mine = p >= 0                                 # the samples I trained on that rank r owns
+    owner = torch.empty(sum(len(o) for o in owned), dtype=torch.long)   # dataset index -> rank, position
+    pos = torch.empty_like(owner)
+    for r, own in enumerate(owned):
+        owner[own], pos[own] = r, torch.arange(len(own))
+    for r, own in enumerate(owned):
+        mine = owner[index] == r                      # the samples I trained on that rank r owns
         block = torch.zeros(len(own), D + 1)          # targets, and a last column: seen this epoch
-        block[p[mine], :D] = targets[mine]
-        block[p[mine], D] = 1
+        block[pos[index[mine]], :D] = targets[mine]
+        block[pos[index[mine]], D] = 1
         if args.distributed:
             block = block.to(red)
             dist.reduce(block, dst=r)
@@ -426,6 +427,7 @@ def train(args):
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pth")
     start_epoch = 0
     bank = None   # --features targets: this rank's rows of last epoch's momentum targets (feature_bank_update)
+    owned = [owned_rows(N, args, r) for r in range(args.world_size)] if args.features == "targets" else None
     resume = ckpt_path if args.resume == "auto" else args.resume
     if resume and os.path.exists(resume):
         ckpt = torch.load(resume, map_location="cpu", weights_only=False)
@@ -477,7 +479,7 @@ def train(args):
                 if args.features == "targets":
                     bank = feats.clone()   # the pass returns exactly this rank's owned rows, in order
             else:              # last epoch's targets for this rank's rows, the feature pass's cut
-                index, feats = owned_rows(N, args), bank
+                index, feats = owned[args.rank], bank
             times["features"] = time.time() - t0
             t0 = time.time()
             mixture.fit(feats, index, N)
@@ -532,7 +534,7 @@ def train(args):
         times["training"] = time.time() - t0
         if collect:
             t0 = time.time()
-            bank = feature_bank_update(bank, N, torch.cat(seen_idx).cpu(), torch.cat(seen_k).cpu(), args)
+            bank = feature_bank_update(bank, owned, torch.cat(seen_idx).cpu(), torch.cat(seen_k).cpu(), args)
             times["bank"] = time.time() - t0
         del seen_idx, seen_k
         # ---- 4. merging, eq. 11: rank 0 merges and sends the result to the others, so all

@@ -229,7 +229,7 @@ def test_feature_bank_update_replaces_seen_rows_and_keeps_the_rest():
     old = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)   # one process owns rows 0..5
     k1, k2 = torch.eye(4)[[0, 1]], torch.eye(4)[[1, 1]]
     new = torch.nn.functional.normalize(k1 + k2, dim=1)      # what train.py stores per sample
-    bank = train.feature_bank_update(old.clone(), 6, torch.tensor([4, 1]), new, args)
+    bank = train.feature_bank_update(old.clone(), [train.owned_rows(6, args)], torch.tensor([4, 1]), new, args)
     s = 2 ** -0.5
     assert torch.allclose(bank[4], torch.tensor([s, s, 0, 0]))   # (e0 + e1) / sqrt 2
     assert torch.allclose(bank[1], torch.tensor([0.0, 1, 0, 0]))
