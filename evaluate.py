@@ -184,7 +184,9 @@ def load_checkpoint(args):
     if data.in_channels(args.data) != in_chans:
         raise EvalError(f"the checkpoint was trained on {targs['data']} ({in_chans} channels); "
                         f"--data {args.data} has {data.in_channels(args.data)}")
-    model = SiamMM(targs["arch"], targs["small_stem"], in_chans, targs["proj_hidden"], targs["pred_hidden"], targs["dim"])
+    args.width = targs.get("width", 64)   # checkpoints from before --width existed are 64 wide
+    model = SiamMM(targs["arch"], targs["small_stem"], in_chans, targs["proj_hidden"], targs["pred_hidden"], targs["dim"],
+                   args.width)
     # Evaluation uses f, f_m and g_m only (the predictor h serves training alone), so only
     # their tensors must match: a change to the predictor does not lock old checkpoints out.
     used = ("backbone.", "momentum_backbone.", "momentum_projector.")
@@ -207,8 +209,9 @@ def load_checkpoint(args):
 def load_backbone(args):
     """An exported backbone state_dict -> (ResNet without fc, in eval mode, feature dim).
 
-    The stem and the input channels are read off conv1's weight (3 x 3 = small stem; its
-    second dimension = channels), so only --arch must be right; a wrong one fails to load."""
+    The stem, the width and the input channels are read off conv1's weight (3 x 3 = small
+    stem; its first dimension = width, its second = channels), so only --arch must be right;
+    a wrong one fails to load."""
     path = args.backbone
     if not os.path.isfile(path):
         raise EvalError(f"--backbone {path}: no such file")
@@ -224,11 +227,11 @@ def load_backbone(args):
     args.img_size = args.img_size or (16 if args.data == "fashion-mnist" else 224)
     args.arch = args.arch or "resnet18"
     args.small_stem = sd["conv1.weight"].shape[-1] == 3
-    in_chans = sd["conv1.weight"].shape[1]
+    args.width, in_chans = sd["conv1.weight"].shape[:2]
     if in_chans != data.in_channels(args.data):
         raise EvalError(f"the backbone takes {in_chans}-channel images; --data {args.data} has {data.in_channels(args.data)}")
     try:
-        net, dim = build_backbone(args.arch, args.small_stem, in_chans)
+        net, dim = build_backbone(args.arch, args.small_stem, in_chans, args.width)
     except ValueError as e:
         raise EvalError(str(e)) from None
     try:   # every key must match (fc is an Identity, so the exported backbone has no fc.*)
@@ -878,7 +881,7 @@ def evaluate(args):
 
     times["total"] = time.time() - t_start
     res = {"source": {"checkpoint": args.checkpoint, "backbone": args.backbone, "epoch": train_args.get("epoch"),
-                      "arch": args.arch, "small_stem": args.small_stem, "data": args.data, "img_size": args.img_size,
+                      "arch": args.arch, "small_stem": args.small_stem, "width": args.width, "data": args.data, "img_size": args.img_size,
                       "encoder": args.encoder, "train_subset_of_pretraining": train_args.get("subset")},
            "split": {"train": len(train_set), "test": len(test_set), "train_subset": args.train_subset,
                      "test_subset": args.test_subset, "seed": args.seed, "num_classes": num_classes,

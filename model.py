@@ -9,7 +9,8 @@ fits its von Mises-Fisher mixture. f_m, g_m are an exponential moving average (E
 and never receive a gradient (the stop-gradient sg(.) of eq. 1 / 12).
 
 Everything here is plain torch.nn on top of torchvision's ResNets, so that the exported
-backbone (export_backbone) loads into torchvision.models.resnet50() unchanged.
+backbone (export_backbone) loads into torchvision.models.resnet50() unchanged (at the default
+width 64, with the ImageNet stem).
 """
 
 import contextlib
@@ -22,27 +23,54 @@ import torch.nn.functional as F
 import torchvision
 
 
-def build_backbone(arch="resnet50", small_stem=False, in_chans=3):
+def build_backbone(arch="resnet50", small_stem=False, in_chans=3, width=64):
     """torchvision ResNet without its classifier; returns (module, feature dimension).
 
     small_stem: for 28-64 px images (Fashion-MNIST, CIFAR) the ImageNet stem (7x7 conv
     stride 2 + max-pool) throws away 3/4 of a 32 px image before the first block; the usual
     fix (SimCLR's CIFAR recipe, solo-learn) is a 3x3 stride-1 conv and no max-pool.
     in_chans: 1 for grayscale data, so no channel is replicated three times.
-    zero_init_residual: the last BN of every residual block starts at zero, so each block
-    starts as the identity (Goyal et al.; used by MoCo v3 and SimSiam).
+    width: channels of the stem and the first stage; the four stages have width x (1, 2, 4,
+    8) x the block's expansion, as in torchvision (64) and SimCLR's wider ResNets (128 =
+    its "2x"). torchvision builds only 64, so for another width the stem and stages are
+    rebuilt from torchvision's own blocks (ResNet._make_layer): the module names, forward
+    and state_dict keys stay torchvision's. The CPU default uses 16: on 2 cores a quarter
+    width trains about 3x more images per second, which at a few minutes' budget matters
+    more than capacity (bench/RESULTS.md, "A narrower ResNet").
+    Every conv and BN then gets torchvision's initialisation, zero_init_residual included:
+    the last BN of every residual block starts at zero, so each block starts as the
+    identity (Goyal et al.; used by MoCo v3 and SimSiam).
     """
     if not hasattr(torchvision.models, arch) or not arch.startswith("resnet"):
         raise ValueError(f"unknown --arch {arch!r}: use a torchvision ResNet such as resnet18 or resnet50")
-    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
+    if width < 1:
+        raise ValueError(f"--width {width}: the first stage needs at least 1 channel (torchvision: 64)")
+    net = getattr(torchvision.models, arch)(weights=None)
+    block = type(net.layer1[0])   # BasicBlock (resnet18/34) or Bottleneck (resnet50/101/152)
+    if width != 64:
+        depth = [len(net.layer1), len(net.layer2), len(net.layer3), len(net.layer4)]
+        net.inplanes = width   # _make_layer reads and advances it, stage by stage
+        net.bn1 = nn.BatchNorm2d(width)
+        net.layer1 = net._make_layer(block, width, depth[0])
+        net.layer2 = net._make_layer(block, 2 * width, depth[1], stride=2)
+        net.layer3 = net._make_layer(block, 4 * width, depth[2], stride=2)
+        net.layer4 = net._make_layer(block, 8 * width, depth[3], stride=2)
     if small_stem:
-        net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(in_chans, width, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
-    elif in_chans != 3:
-        net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    dim = net.fc.in_features
-    net.fc = nn.Identity()  # the backbone ends at global average pooling: 512-d (r18), 2048-d (r50)
-    return net, dim
+    elif in_chans != 3 or width != 64:
+        net.conv1 = nn.Conv2d(in_chans, width, kernel_size=7, stride=2, padding=3, bias=False)
+    for m in net.modules():   # torchvision.models.ResNet.__init__'s initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in net.modules():   # zero_init_residual: each block's last BN (after the loop above, which sets it to 1)
+        if isinstance(m, block):
+            nn.init.zeros_(getattr(m, "bn3", m.bn2).weight)
+    net.fc = nn.Identity()  # the backbone ends at global average pooling: 8 x width x expansion (r18: 512, r50: 2048)
+    return net, 8 * width * block.expansion
 
 
 def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn):
@@ -103,10 +131,10 @@ class SiamMM(nn.Module):
     """Online encoder f, g, predictor h, and the momentum encoder f_m, g_m (sec. 3.1)."""
 
     def __init__(self, arch="resnet50", small_stem=False, in_chans=3,
-                 proj_hidden=4096, pred_hidden=4096, dim=256):
+                 proj_hidden=4096, pred_hidden=4096, dim=256, width=64):
         super().__init__()
-        self.arch, self.small_stem, self.in_chans = arch, small_stem, in_chans
-        self.backbone, feat_dim = build_backbone(arch, small_stem, in_chans)
+        self.arch, self.small_stem, self.in_chans, self.width = arch, small_stem, in_chans, width
+        self.backbone, feat_dim = build_backbone(arch, small_stem, in_chans, width)
         self.feat_dim = feat_dim
         self.projector = mlp(3, feat_dim, proj_hidden, dim, last_bn=True)    # g: 3 layers
         self.predictor = mlp(2, dim, pred_hidden, dim, last_bn=False)        # h: 2 layers

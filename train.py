@@ -48,23 +48,25 @@ from model import SiamMM, momentum_at
 # ----------------------------------------------------------------------------- config
 # Presets set defaults; any flag given on the command line wins over its preset.
 PRESETS = {
-    # The embedded default: Fashion-MNIST on a 2-core CPU in about 6 minutes. Small stem
-    # for 28 px images, small heads, a 5k-image subset, SGD (LARS needs large batches).
+    # The embedded default: Fashion-MNIST on a 2-core CPU in about 7 minutes. Small stem
+    # for 28 px images, a quarter-width resnet18 (--width 16: about 3x the images/s of width
+    # 64, and 24 epochs of it beat 3 epochs of the full width on every metric, bench/RESULTS.md
+    # "A narrower ResNet"), small heads, a 5k-image subset, SGD (LARS needs large batches).
     # (The ImageNet stem at 32 px trains twice as fast and gives a better kNN at 3 epochs, but
     # its mixture drifts towards a few giant clusters in the first epochs, and its backbone
     # clusters worse, even given 6 epochs in about the same time: bench/RESULTS.md.)
-    "cpu": dict(data="fashion-mnist", arch="resnet18", small_stem=True, img_size=16, subset=5000,
-                proj_hidden=512, pred_hidden=512, dim=128, pca_dim=64, batch_size=128, epochs=3,
+    "cpu": dict(data="fashion-mnist", arch="resnet18", small_stem=True, width=16, img_size=16, subset=5000,
+                proj_hidden=512, pred_hidden=512, dim=128, pca_dim=64, batch_size=128, epochs=24,
                 optimizer="sgd", lr=0.06, weight_decay=5e-4, warmup_epochs=0, momentum=0.99,
                 num_clusters=500, crop_min=0.2, workers=2),
     # sec. 5.1: ResNet-50, 3-layer 4096-d projector, 2-layer predictor, 256-d, K0 = 100,000,
     # LARS (wd 1e-6, momentum 0.9), batch 4096, cosine lr, MoCo v3 augmentations. The paper's
     # base lr values were lost in extraction; these are MoCo v3's ResNet-50 values.
-    "imagenet-100ep": dict(data="imagenet", arch="resnet50", small_stem=False, img_size=224, subset=0,
+    "imagenet-100ep": dict(data="imagenet", arch="resnet50", small_stem=False, width=64, img_size=224, subset=0,
                            proj_hidden=4096, pred_hidden=4096, dim=256, pca_dim=150, batch_size=4096,
                            epochs=100, optimizer="lars", lr=0.6, weight_decay=1e-6, warmup_epochs=10,
                            momentum=0.99, num_clusters=100000, crop_min=0.08, workers=10),
-    "imagenet-200ep": dict(data="imagenet", arch="resnet50", small_stem=False, img_size=224, subset=0,
+    "imagenet-200ep": dict(data="imagenet", arch="resnet50", small_stem=False, width=64, img_size=224, subset=0,
                            proj_hidden=4096, pred_hidden=4096, dim=256, pca_dim=150, batch_size=4096,
                            epochs=200, optimizer="lars", lr=0.5, weight_decay=1e-6, warmup_epochs=10,
                            momentum=0.99, num_clusters=100000, crop_min=0.08, workers=10),
@@ -86,6 +88,7 @@ def get_args(argv=None):
     # model (sec. 5.1)
     p.add_argument("--arch", help="torchvision ResNet: resnet18, resnet50, ...")
     p.add_argument("--small-stem", action=argparse.BooleanOptionalAction, help="3x3 stride-1 stem, no max-pool (28-64 px images)")
+    p.add_argument("--width", type=int, help="channels of the stem and first stage; stages are x1, x2, x4, x8 (torchvision: 64)")
     p.add_argument("--proj-hidden", type=int, help="projector hidden width (paper 4096)")
     p.add_argument("--pred-hidden", type=int, help="predictor hidden width (paper 4096)")
     p.add_argument("--dim", type=int, help="embedding dimension D (paper 256)")
@@ -405,7 +408,7 @@ def train(args):
 
     # ---- model, optimiser
     model = SiamMM(args.arch, args.small_stem, data.in_channels(args.data),
-                   args.proj_hidden, args.pred_hidden, args.dim)
+                   args.proj_hidden, args.pred_hidden, args.dim, args.width)
     torch.manual_seed(args.seed + args.rank)  # then each rank draws its own augmentations
     np.random.seed(args.seed + args.rank)
     random.seed(args.seed + args.rank)
@@ -432,8 +435,8 @@ def train(args):
     if resume and os.path.exists(resume):
         ckpt = torch.load(resume, map_location="cpu", weights_only=False)
         saved = ckpt["args"]
-        for k in ("arch", "small_stem", "dim", "proj_hidden", "pred_hidden", "data"):
-            if saved[k] != getattr(args, k):
+        for k in ("arch", "small_stem", "width", "dim", "proj_hidden", "pred_hidden", "data"):
+            if saved.get(k, 64 if k == "width" else None) != getattr(args, k):   # width: 64 before the flag existed
                 fail(f"cannot resume {resume}: it was trained with --{k.replace('_', '-')} {saved[k]}, "
                      f"this run has {getattr(args, k)}; use the same setting or another --out-dir")
         try:

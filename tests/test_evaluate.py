@@ -225,10 +225,10 @@ def tiny_run(tmp_path_factory):
         pytest.skip("apt-get install dataset-fashion-mnist")
     d = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    targs = dict(data="fashion-mnist", data_dir="", arch="resnet18", small_stem=True, img_size=8, subset=300,
+    targs = dict(data="fashion-mnist", data_dir="", arch="resnet18", small_stem=True, width=16, img_size=8, subset=300,
                  proj_hidden=32, pred_hidden=32, dim=16, seed=0, num_clusters=12, crop_min=0.2,
                  feature_bn="batch")   # embed()'s default below, as train.py's feature pass
-    model = SiamMM("resnet18", True, 1, 32, 32, 16).eval()
+    model = SiamMM("resnet18", True, 1, 32, 32, 16, width=16).eval()   # the CPU preset's narrow ResNet
     ds = data.subset(data.load_dataset("fashion-mnist", "", "train", data.eval_transform("fashion-mnist", 8)), 300, 0)
     z = torch.cat([model.embed(x) for x, _, _ in torch.utils.data.DataLoader(ds, batch_size=150)])
     mix = VMFMixture(16, 12, kappa_mode="mle", init_iters=5)
@@ -294,6 +294,7 @@ def test_end_to_end_exported_backbone(tiny_run):
     check_outputs(out, res, n_grids=3)
     assert res["learned_clusters"] is None and res["raw_pixels"] is None
     assert res["source"]["small_stem"] is True                  # read off conv1's 3 x 3 kernel
+    assert res["source"]["width"] == 16                         # and off its 16 output channels
     assert "k_per_epoch" not in res["report"] and not (out / "k_per_epoch.png").exists()
 
 

@@ -124,6 +124,34 @@ def test_export_small_stem_loads_into_build_backbone():
         assert torch.allclose(net(x), m.backbone(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("arch,expansion", [("resnet18", 1), ("resnet50", 4)])
+def test_width_scales_every_stage_and_keeps_torchvision_names(arch, expansion):
+    # --width 16: stages of 16, 32, 64, 128 channels (x the block's expansion), the feature
+    # dimension 8 x 16 x expansion, torchvision's parameter names, a working forward
+    net, dim = build_backbone(arch, small_stem=True, in_chans=1, width=16)
+    ref = getattr(torchvision.models, arch)(weights=None)
+    assert dim == 128 * expansion
+    assert net.conv1.out_channels == 16 and net.bn1.num_features == 16
+    for i, layer in enumerate((net.layer1, net.layer2, net.layer3, net.layer4)):
+        last_bn = getattr(layer[-1], "bn3", layer[-1].bn2)
+        assert last_bn.num_features == 16 * 2 ** i * expansion
+        assert torch.count_nonzero(last_bn.weight) == 0           # zero_init_residual survives the rebuild
+    assert {n for n, _ in net.named_parameters()} == {n for n, _ in ref.named_parameters()} - {"fc.weight", "fc.bias"}
+    assert n_params(net) < n_params(ref) / 10                      # about (16 / 64)^2 of the weights
+    net.eval()
+    with torch.no_grad():
+        assert net(images(2, 1, 16)).shape == (2, dim)
+    # the convs get torchvision's He init (fan_out), not PyTorch's default: std = sqrt(2 / fan_out)
+    w = net.layer4[0].conv1.weight
+    fan_out = w.shape[0] * w.shape[2] * w.shape[3]
+    assert abs(w.std().item() - math.sqrt(2 / fan_out)) < 0.1 * math.sqrt(2 / fan_out)
+
+
+def test_bad_width_raises():
+    with pytest.raises(ValueError, match="--width 0"):
+        build_backbone("resnet18", width=0)
+
+
 def test_zero_init_residual():
     net, _ = build_backbone("resnet18")
     for blk in [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]:

@@ -172,6 +172,9 @@ def test_incompatible_resume(tmp_path, capsys):
     out = run(tmp_path, "--epochs", "1", name="r")
     msg = error_line(capsys, TINY + ["--out-dir", out, "--resume", "auto", "--dim", "32"])
     assert "--dim" in msg
+    msg = error_line(capsys, TINY + ["--out-dir", out, "--resume", "auto", "--width", "8"])
+    assert "--width 16" in msg                                  # the CPU preset's width, saved in the checkpoint
+    assert "--width 0" in error_line(capsys, TINY + ["--out-dir", str(tmp_path / "w0"), "--width", "0"])
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
