@@ -49,7 +49,7 @@ from model import SiamMM, momentum_at
 # Presets set defaults; any flag given on the command line wins over its preset.
 PRESETS = {
     # The embedded default: Fashion-MNIST on a 2-core CPU in about 7 minutes. Small stem
-    # for 28 px images, a quarter-width resnet18 (--width 16: about 3x the images/s of width
+    # for 28 px images, a quarter-width resnet18 (--width 16: about 7x the images/s of width
     # 64, and 24 epochs of it beat 3 epochs of the full width on every metric, bench/RESULTS.md
     # "A narrower ResNet"), small heads, a 5k-image subset, SGD (LARS needs large batches).
     # (The ImageNet stem at 32 px trains twice as fast and gives a better kNN at 3 epochs, but
