@@ -35,8 +35,9 @@ def build_backbone(arch="resnet50", small_stem=False, in_chans=3, width=64):
     its "2x"). torchvision builds only 64, so for another width the stem and stages are
     rebuilt from torchvision's own blocks (ResNet._make_layer): the module names, forward
     and state_dict keys stay torchvision's. The CPU default uses 16: on 2 cores a quarter
-    width trains about 7x more images per second (330 against 47 in the bench runs), which at a few minutes' budget matters
-    more than capacity (bench/RESULTS.md, "A narrower ResNet").
+    width trains about 7x more images per second (330 against 47 in the bench runs), which
+    at a few minutes' budget matters more than capacity (bench/RESULTS.md, "A narrower
+    ResNet").
     Every conv and BN then gets torchvision's initialisation, zero_init_residual included:
     the last BN of every residual block starts at zero, so each block starts as the
     identity (Goyal et al.; used by MoCo v3 and SimSiam).

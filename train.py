@@ -55,21 +55,28 @@ PRESETS = {
     # (The ImageNet stem at 32 px trains twice as fast and gives a better kNN at 3 epochs, but
     # its mixture drifts towards a few giant clusters in the first epochs, and its backbone
     # clusters worse, even given 6 epochs in about the same time: bench/RESULTS.md.)
+    # merge_lambda (eq. 11): the paper sets lambda by grid search per data set (sec. 5.1).
+    # Here 2.0 stalls K near 140 of 500 (the threshold E[d] - 2 sigma[d] turns negative by
+    # epoch 5), 1.5 merges on past the 10 classes to 3-8 (by seed), 1.25 to 2; 1.75 levels
+    # off at 34-40 in three seeds with the best learned-cluster AMI (bench/RESULTS.md, "The
+    # merging threshold").
     "cpu": dict(data="fashion-mnist", arch="resnet18", small_stem=True, width=16, img_size=16, subset=5000,
                 proj_hidden=512, pred_hidden=512, dim=128, pca_dim=64, batch_size=128, epochs=24,
                 optimizer="sgd", lr=0.06, weight_decay=5e-4, warmup_epochs=0, momentum=0.99,
-                num_clusters=500, crop_min=0.2, workers=2),
+                num_clusters=500, crop_min=0.2, workers=2, merge_lambda=1.75),
     # sec. 5.1: ResNet-50, 3-layer 4096-d projector, 2-layer predictor, 256-d, K0 = 100,000,
     # LARS (wd 1e-6, momentum 0.9), batch 4096, cosine lr, MoCo v3 augmentations. The paper's
-    # base lr values were lost in extraction; these are MoCo v3's ResNet-50 values.
+    # base lr values were lost in extraction; these are MoCo v3's ResNet-50 values. Its
+    # lambda of eq. 11 was lost too ("a percentile of the normalised pairwise distance"):
+    # 2.0 merges pairs below about the 2nd percentile, were d Gaussian.
     "imagenet-100ep": dict(data="imagenet", arch="resnet50", small_stem=False, width=64, img_size=224, subset=0,
                            proj_hidden=4096, pred_hidden=4096, dim=256, pca_dim=150, batch_size=4096,
                            epochs=100, optimizer="lars", lr=0.6, weight_decay=1e-6, warmup_epochs=10,
-                           momentum=0.99, num_clusters=100000, crop_min=0.08, workers=10),
+                           momentum=0.99, num_clusters=100000, crop_min=0.08, workers=10, merge_lambda=2.0),
     "imagenet-200ep": dict(data="imagenet", arch="resnet50", small_stem=False, width=64, img_size=224, subset=0,
                            proj_hidden=4096, pred_hidden=4096, dim=256, pca_dim=150, batch_size=4096,
                            epochs=200, optimizer="lars", lr=0.5, weight_decay=1e-6, warmup_epochs=10,
-                           momentum=0.99, num_clusters=100000, crop_min=0.08, workers=10),
+                           momentum=0.99, num_clusters=100000, crop_min=0.08, workers=10, merge_lambda=2.0),
 }
 
 
@@ -124,7 +131,8 @@ def get_args(argv=None):
     p.add_argument("--soft-k", type=int, default=3, help="s, nearest centroids per sample (eq. 10); 1 = hard assignment (eq. 8, Table 6)")
     p.add_argument("--tau", type=float, default=0.1, help="temperature of the soft assignment (eq. 10)")
     p.add_argument("--assign-prior", action="store_true", help="add log pi_k to the eq. 10 logits")
-    p.add_argument("--merge-lambda", type=float, default=2.0, help="lambda of eq. 11; merge if d < E[d] - lambda sigma[d]")
+    p.add_argument("--merge-lambda", type=float, help="lambda of eq. 11; merge if d < E[d] - lambda sigma[d] "
+                   "(preset: 1.75 on the CPU, 2.0 on ImageNet)")
     p.add_argument("--no-merge", action="store_true", help="ablation (Table 5): keep K fixed")
     p.add_argument("--min-clusters", type=int, default=2, help="merging never takes K below this")
     p.add_argument("--cluster-warmup-epochs", type=int, default=0, help="epochs of instance loss only before the first clustering")

@@ -208,7 +208,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--merge-k", type=int, default=100_000)
     p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--merge-lambda", type=float, default=2.0, help="lambda of eq. 11 (train.py's default)")
+    p.add_argument("--merge-lambda", type=float, default=2.0, help="lambda of eq. 11 (train.py's ImageNet presets)")
     p.add_argument("--repeats", type=int, default=3, help="merge() runs per case")
     p.add_argument("--n", type=int, default=200_000)
     p.add_argument("--k", type=int, default=10_000)

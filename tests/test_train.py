@@ -188,6 +188,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
         assert torch.equal(v, after["model"][k])
 
 
+def test_presets_set_defaults_and_flags_win():
+    """A preset fills every flag left unset; a flag on the command line wins. eq. 11's lambda
+    is per preset (the paper tunes it per data set, sec. 5.1)."""
+    cpu = train.get_args([])
+    assert (cpu.preset, cpu.arch, cpu.width, cpu.merge_lambda) == ("cpu", "resnet18", 16, 1.75)
+    inet = train.get_args(["--preset", "imagenet-100ep"])
+    assert (inet.arch, inet.batch_size, inet.num_clusters, inet.merge_lambda) == ("resnet50", 4096, 100000, 2.0)
+    mine = train.get_args(["--preset", "imagenet-200ep", "--merge-lambda", "1.5", "--width", "32"])
+    assert (mine.merge_lambda, mine.width, mine.epochs) == (1.5, 32, 200)
+    assert all(getattr(cpu, k) is not None for k in train.PRESETS["cpu"])
+
+
 def test_feature_batches_cover_every_sample_once_and_never_a_single_image():
     import data
     for n, b, w in [(128, 32, 1), (128, 48, 2), (129, 32, 3), (33, 32, 1), (5, 32, 8), (1000, 256, 8)]:
