@@ -444,8 +444,9 @@ def train(args):
         ckpt = torch.load(resume, map_location="cpu", weights_only=False)
         saved = ckpt["args"]
         for k in ("arch", "small_stem", "width", "dim", "proj_hidden", "pred_hidden", "data"):
-            if saved.get(k, 64 if k == "width" else None) != getattr(args, k):   # width: 64 before the flag existed
-                fail(f"cannot resume {resume}: it was trained with --{k.replace('_', '-')} {saved[k]}, "
+            was = saved.get(k, 64 if k == "width" else None)   # width: 64 before the flag existed
+            if was != getattr(args, k):
+                fail(f"cannot resume {resume}: it was trained with --{k.replace('_', '-')} {was}, "
                      f"this run has {getattr(args, k)}; use the same setting or another --out-dir")
         try:
             raw.load_state_dict(ckpt["model"])

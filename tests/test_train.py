@@ -175,6 +175,11 @@ def test_incompatible_resume(tmp_path, capsys):
     msg = error_line(capsys, TINY + ["--out-dir", out, "--resume", "auto", "--width", "8"])
     assert "--width 16" in msg                                  # the CPU preset's width, saved in the checkpoint
     assert "--width 0" in error_line(capsys, TINY + ["--out-dir", str(tmp_path / "w0"), "--width", "0"])
+    # a checkpoint from before --width existed holds no width: it was torchvision's 64
+    ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)
+    del ckpt["args"]["width"]
+    torch.save(ckpt, os.path.join(out, "checkpoint.pth"))
+    assert "--width 64, this run has 16" in error_line(capsys, TINY + ["--out-dir", out, "--resume", "auto"])
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
