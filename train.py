@@ -61,8 +61,8 @@ PRESETS = {
     # merge_lambda (eq. 11): the paper sets lambda by grid search per data set (sec. 5.1).
     # Here 2.0 stalls K near 140 of 500 (the threshold E[d] - 2 sigma[d] turns negative by
     # epoch 5), 1.5 merges on past the 10 classes to 3-8 (by seed), 1.25 to 2; 1.75 levels
-    # off at 34-40 in three seeds with the best learned-cluster AMI (bench/RESULTS.md, "The
-    # merging threshold").
+    # off at 32-41 (three seeds at 24 epochs, two at 48) with the best learned-cluster AMI
+    # (bench/RESULTS.md, "The merging threshold", "48 epochs").
     "cpu": dict(data="fashion-mnist", arch="resnet18", small_stem=True, width=16, img_size=16, subset=5000,
                 proj_hidden=512, pred_hidden=512, dim=128, pca_dim=64, batch_size=128, epochs=48,
                 optimizer="sgd", lr=0.06, weight_decay=5e-4, warmup_epochs=0, momentum=0.99,
