@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 import data
 from cluster import VMFMixture, faiss_on_gpu, knn_search
-from model import SiamMM, build_backbone
+from model import SiamMM, build_backbone, model_args
 from train import autocast  # bf16 on a GPU, exact fp32 on a CPU
 
 
@@ -184,9 +184,9 @@ def load_checkpoint(args):
     if data.in_channels(args.data) != in_chans:
         raise EvalError(f"the checkpoint was trained on {targs['data']} ({in_chans} channels); "
                         f"--data {args.data} has {data.in_channels(args.data)}")
-    args.width = targs.get("width", 64)   # checkpoints from before --width existed are 64 wide
-    model = SiamMM(targs["arch"], targs["small_stem"], in_chans, targs["proj_hidden"], targs["pred_hidden"], targs["dim"],
-                   args.width)
+    shape = model_args(targs)
+    args.width = shape["width"]
+    model = SiamMM(in_chans=in_chans, **shape)
     # Evaluation uses f, f_m and g_m only (the predictor h serves training alone), so only
     # their tensors must match: a change to the predictor does not lock old checkpoints out.
     used = ("backbone.", "momentum_backbone.", "momentum_projector.")

@@ -128,6 +128,16 @@ def momentum_at(t, total, m0):
     return 1.0 - (1.0 - m0) * (1.0 + math.cos(math.pi * t / total)) / 2.0
 
 
+def model_args(saved):
+    """The settings that shape a SiamMM, read from the flags a train.py checkpoint saved
+    (its "args"); in_chans follows from the data set. One place for the value of a flag
+    that is newer than the checkpoint: --width came later, and every checkpoint from before
+    it is torchvision's 64 wide. train.py builds the model from its own flags with it
+    (model_args(vars(args))) and checks a resume against it; evaluate.py builds from it."""
+    return dict(arch=saved["arch"], small_stem=saved["small_stem"], proj_hidden=saved["proj_hidden"],
+                pred_hidden=saved["pred_hidden"], dim=saved["dim"], width=saved.get("width", 64))
+
+
 class SiamMM(nn.Module):
     """Online encoder f, g, predictor h, and the momentum encoder f_m, g_m (sec. 3.1)."""
 

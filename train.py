@@ -43,26 +43,20 @@ from tqdm import tqdm
 import data
 from cluster import VMFMixture
 from loss import siammm_loss
-from model import SiamMM, momentum_at
+from model import SiamMM, model_args, momentum_at
 
 # ----------------------------------------------------------------------------- config
 # Presets set defaults; any flag given on the command line wins over its preset.
 PRESETS = {
-    # The embedded default: Fashion-MNIST on a 2-core CPU in about 10 minutes. Small stem
-    # for 28 px images, a quarter-width resnet18 (--width 16: about 7x the images/s of width
-    # 64, and 24 epochs of it beat 3 epochs of the full width on every metric, bench/RESULTS.md
-    # "A narrower ResNet"), small heads, a 5k-image subset, SGD (LARS needs large batches).
-    # 48 epochs: after 24 (5 minutes) k-means on the backbone stayed below raw pixels on
-    # the test split (ACC 0.456-0.484 against 0.491); 48 give ACC 0.505 and 0.510 in two
-    # seeds, and better kNN and learned clusters (bench/RESULTS.md, "48 epochs").
-    # (The ImageNet stem at 32 px trains twice as fast and gives a better kNN at 3 epochs, but
-    # its mixture drifts towards a few giant clusters in the first epochs, and its backbone
-    # clusters worse, even given 6 epochs in about the same time: bench/RESULTS.md.)
-    # merge_lambda (eq. 11): the paper sets lambda by grid search per data set (sec. 5.1).
-    # Here 2.0 stalls K near 140 of 500 (the threshold E[d] - 2 sigma[d] turns negative by
-    # epoch 5), 1.5 merges on past the 10 classes to 3-8 (by seed), 1.25 to 2; 1.75 levels
-    # off at 32-41 (three seeds at 24 epochs, two at 48) with the best learned-cluster AMI
-    # (bench/RESULTS.md, "The merging threshold", "48 epochs").
+    # The embedded default: Fashion-MNIST on a 2-core CPU in about 10 minutes (bench/RESULTS.md
+    # has every run behind these choices). Small stem for 28 px images; a quarter-width
+    # resnet18 (--width 16: about 7x the images/s of width 64, which matters more than capacity
+    # at this budget, "A narrower ResNet"); small heads; a 5k-image subset; SGD (LARS needs
+    # large batches). 48 epochs: k-means on the backbone passes raw pixels on the test split
+    # (ACC 0.505, 0.510 in two seeds against 0.491); 24 stayed below ("48 epochs").
+    # merge_lambda (eq. 11): the paper grid-searches lambda per data set (sec. 5.1). Here 2.0
+    # stalls K near 140 of 500, 1.5 merges past the 10 classes to 3-8, and 1.75 levels off at
+    # 32-41 with the best learned-cluster AMI ("The merging threshold").
     "cpu": dict(data="fashion-mnist", arch="resnet18", small_stem=True, width=16, img_size=16, subset=5000,
                 proj_hidden=512, pred_hidden=512, dim=128, pca_dim=64, batch_size=128, epochs=48,
                 optimizer="sgd", lr=0.06, weight_decay=5e-4, warmup_epochs=0, momentum=0.99,
@@ -251,6 +245,12 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+# Flags that say where and how this process runs, not what it trains: a resume may change
+# them without a note (the world size too: --batch-size is the total over all processes).
+RUN_FLAGS = {"out_dir", "resume", "stop_after_epoch", "save_every", "workers", "device", "dev", "data_dir",
+             "download", "distributed", "rank", "world_size", "local_rank", "master"}
+
+
 def saved_args(args):
     """The flags as written to args.json and the checkpoint (no process-group handle)."""
     return {k: v for k, v in vars(args).items() if k != "local_group"} | {"dev": str(args.dev)}
@@ -265,17 +265,25 @@ def fail(msg):
 
 
 @torch.no_grad()
-def feature_pass(model, ds, args):
-    """z_i = momentum embedding of every training image (eval transform), this rank's share.
-
-    The data are cut into batches of --feature-batch-size independently of the world size
-    and rank r embeds batches r, r + W, ...: every sample exactly once over all ranks and no
-    sampler padding, so the cluster statistics (sums over samples, all-reduced) count each
-    image once (SPEC 2.4), and each z_i is the same on any number of GPUs.
-    Returns (features n_r x D on CPU, dataset indices n_r)."""
+def feature_loader(ds, args):
+    """The feature pass's loader, built once per run: the data are cut into batches of
+    --feature-batch-size independently of the world size and rank r embeds batches r, r + W,
+    ...: every sample exactly once over all ranks and no sampler padding, so the cluster
+    statistics (sums over samples, all-reduced) count each image once (SPEC 2.4), and each
+    z_i is the same on any number of GPUs. The eval transform draws no random number, so the
+    workers persist from epoch to epoch (restarting them cost about a third of the pass on
+    the CPU default, bench/RESULTS.md "Epoch cost")."""
     batches = data.feature_batches(len(ds), args.feature_batch_size, args.rank, args.world_size)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=args.workers,
-                                         pin_memory=args.dev.type == "cuda")
+    # generator: its own, so starting the workers draws no number from torch's global RNG,
+    # which then stays the training augmentations' alone (a resumed run repeats exactly)
+    return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=args.workers,
+                                       pin_memory=args.dev.type == "cuda", persistent_workers=args.workers > 0,
+                                       generator=torch.Generator())
+
+
+def feature_pass(model, loader, args):
+    """z_i = momentum embedding of every training image (eval transform), this rank's share
+    (feature_loader). Returns (features n_r x D on CPU, dataset indices n_r)."""
     model.eval()  # with --feature-bn batch, embed() switches BN to batch statistics itself
     feats, index = [], []
     for x, _, idx in tqdm(loader, desc="  features", disable=not args.master, leave=False):
@@ -415,11 +423,11 @@ def train(args):
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // args.world_size, sampler=sampler,
                                          num_workers=args.workers, pin_memory=args.dev.type == "cuda",
                                          drop_last=True)  # workers re-seeded from the (checkpointed) RNG each epoch
+    feat_loader = feature_loader(feat_set, args)
     steps_per_epoch = len(loader)
 
     # ---- model, optimiser
-    model = SiamMM(args.arch, args.small_stem, data.in_channels(args.data),
-                   args.proj_hidden, args.pred_hidden, args.dim, args.width)
+    model = SiamMM(in_chans=data.in_channels(args.data), **model_args(vars(args)))
     torch.manual_seed(args.seed + args.rank)  # then each rank draws its own augmentations
     np.random.seed(args.seed + args.rank)
     random.seed(args.seed + args.rank)
@@ -446,11 +454,17 @@ def train(args):
     if resume and os.path.exists(resume):
         ckpt = torch.load(resume, map_location="cpu", weights_only=False)
         saved = ckpt["args"]
-        for k in ("arch", "small_stem", "width", "dim", "proj_hidden", "pred_hidden", "data"):
-            was = saved.get(k, 64 if k == "width" else None)   # width: 64 before the flag existed
+        for k, was in (model_args(saved) | {"data": saved["data"]}).items():
             if was != getattr(args, k):
                 fail(f"cannot resume {resume}: it was trained with --{k.replace('_', '-')} {was}, "
                      f"this run has {getattr(args, k)}; use the same setting or another --out-dir")
+        # Every other flag comes from this command line, as in MoCo v3: a resumed run may
+        # change lambda or extend --epochs (which stretches the cosine schedules). Say so.
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})" for k in sorted(saved)
+                   if k not in RUN_FLAGS and k in vars(args) and saved[k] != getattr(args, k)]
+        if changed and args.master:
+            print(f"note: from epoch {ckpt['epoch'] + 1} on, this run differs from the checkpoint's flags: "
+                  + ", ".join(changed))
         try:
             raw.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -490,7 +504,7 @@ def train(args):
             # image and the learned clusters score lower: bench/RESULTS.md)
             source = "pass" if bank is None or epoch == args.epochs - 1 else "bank"
             if source == "pass":
-                feats, index = feature_pass(raw, feat_set, args)
+                feats, index = feature_pass(raw, feat_loader, args)
                 if args.features == "targets":
                     bank = feats.clone()   # the pass returns exactly this rank's owned rows, in order
             else:              # last epoch's targets for this rank's rows, the feature pass's cut

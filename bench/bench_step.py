@@ -1,6 +1,7 @@
 """
 Images/s of one SiamMM training step (two views through the online and momentum branches,
-eq. 13 with the cluster term, backward, optimiser step, EMA update), on random data.
+eq. 13 with the cluster term, backward, optimiser step, EMA update), and of the feature
+pass (one momentum forward per image), on random data.
 
     python bench/bench_step.py                                  # CPU preset: resnet18, small stem, 16 px
     python bench/bench_step.py --preset imagenet-100ep --batch-size 256   # ResNet-50 at 224 px (GPU)
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import train  # noqa: E402
 from loss import siammm_loss  # noqa: E402
-from model import SiamMM  # noqa: E402
+from model import SiamMM, model_args  # noqa: E402
 
 
 def main():
@@ -29,8 +30,7 @@ def main():
     dev = torch.device(args.device)
     args.dev, args.distributed = dev, False
     B = args.batch_size
-    model = SiamMM(args.arch, args.small_stem, data.in_channels(args.data), args.proj_hidden,
-                   args.pred_hidden, args.dim).to(dev)
+    model = SiamMM(in_chans=data.in_channels(args.data), **model_args(vars(args))).to(dev)   # --width included
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = train.build_optimizer(model.online_parameters(), args)
@@ -67,9 +67,37 @@ def main():
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.time() - t0) / steps
+
+    # The feature pass (train.feature_pass): one momentum forward per image, batch-statistics
+    # BN, at --feature-batch-size. Its images/s against the step's bound how much a SiamMM
+    # epoch can cost over an instance-only one (1 + step time / pass time per image), before
+    # data loading and the E/M step (issue 6: paper 1.54x, target 1.10x).
+    F_B = args.feature_batch_size
+    xf = torch.randn(F_B, c, args.img_size, args.img_size, device=dev)
+    if dev.type == "cuda":
+        xf = xf.to(memory_format=torch.channels_last)
+
+    def embed():
+        with train.autocast(dev, args.amp):
+            model.embed(xf, args.feature_bn)
+
+    model.eval()
+    for _ in range(warmup):
+        embed()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.time()
+    for _ in tqdm(range(steps), desc="feature pass"):
+        embed()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    df = (time.time() - t0) / steps
+
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.arch} {args.img_size}px batch {B} on {name} (amp {args.amp if dev.type == 'cuda' else 'off'}): "
-          f"{dt * 1000:.0f} ms/step, {B / dt:.1f} images/s")
+    print(f"{args.arch} width {args.width} {args.img_size}px on {name} (amp {args.amp if dev.type == 'cuda' else 'off'}):")
+    print(f"  training step, batch {B}: {dt * 1000:.0f} ms/step, {B / dt:.1f} images/s")
+    print(f"  feature pass, batch {F_B}: {df * 1000:.0f} ms/batch, {F_B / df:.1f} images/s; "
+          f"a pass costs {(df / F_B) / (dt / B):.3f} of a training epoch on the same images")
 
 
 if __name__ == "__main__":

@@ -55,11 +55,14 @@ def test_no_merge_keeps_k_and_merge_reduces_it(tmp_path):
     assert merged[0]["K"] == fixed[0]["K"] - merged[0]["merged"]   # same first clustering, then merges
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
-    full = run(tmp_path, name="full")
-    part = run(tmp_path, "--stop-after-epoch", "1", name="part")
+@pytest.mark.parametrize("workers", ["0", "1"])   # 1: worker processes, the feature pass's persistent
+def test_resume_matches_uninterrupted_run(tmp_path, capsys, workers):
+    full = run(tmp_path, "--workers", workers, name="full")
+    part = run(tmp_path, "--workers", workers, "--stop-after-epoch", "1", name="part")
     assert read_log(part)[-1]["epoch"] == 1
-    train.main(TINY + ["--out-dir", part, "--resume", "auto"])
+    capsys.readouterr()
+    train.main(TINY + ["--out-dir", part, "--resume", "auto", "--workers", workers, "--save-every", "5"])
+    assert "note:" not in capsys.readouterr().out   # where a process runs is no change to note
     a = torch.load(os.path.join(full, "checkpoint.pth"), weights_only=False)
     b = torch.load(os.path.join(part, "checkpoint.pth"), weights_only=False)
     assert b["epoch"] == 2
@@ -180,6 +183,18 @@ def test_incompatible_resume(tmp_path, capsys):
     del ckpt["args"]["width"]
     torch.save(ckpt, os.path.join(out, "checkpoint.pth"))
     assert "--width 64, this run has 16" in error_line(capsys, TINY + ["--out-dir", out, "--resume", "auto"])
+
+
+def test_resume_notes_every_changed_training_flag(tmp_path, capsys):
+    """Only the model must match on resume; other flags come from the new command line
+    (MoCo v3), and a run that takes another lambda or length from there says so."""
+    out = run(tmp_path, "--epochs", "3", "--stop-after-epoch", "1", name="n")
+    capsys.readouterr()
+    train.main(TINY + ["--out-dir", out, "--resume", "auto", "--epochs", "3", "--stop-after-epoch", "2",
+                       "--merge-lambda", "0.5"])
+    note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note:"))
+    assert "from epoch 2 on" in note and "--merge-lambda 0.5 (was 1.75)" in note
+    assert "--stop-after-epoch" not in note and "--epochs" not in note   # run flags, and the same length
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):

@@ -1,0 +1,19 @@
+"""bench/bench_step.py runs and measures the model its flags describe (no timing asserted:
+speed is for the bench, not for tests)."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_step_measures_the_preset_model():
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_step.py"), "--batch-size", "8", "--feature-batch-size", "8",
+           "--proj-hidden", "32", "--pred-hidden", "32", "--dim", "16", "--num-clusters", "24"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "resnet18 width 16 16px" in lines[0]          # the CPU preset's narrow ResNet, not torchvision's 64
+    assert "training step, batch 8" in lines[1] and "images/s" in lines[1]
+    assert "feature pass, batch 8" in lines[2] and "of a training epoch" in lines[2]
