@@ -24,6 +24,20 @@ from loss import siammm_loss  # noqa: E402
 from model import SiamMM, model_args  # noqa: E402
 
 
+def seconds_per_call(fn, warmup, calls, dev, desc):
+    """Mean wall time of fn() after warm-up calls (CUDA: synchronised, so the kernels count)."""
+    for _ in range(warmup):
+        fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.time()
+    for _ in tqdm(range(calls), desc=desc):
+        fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.time() - t0) / calls
+
+
 def main():
     args = train.get_args(sys.argv[1:] + ["--workers", "0"])
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,16 +71,7 @@ def main():
         model.update_momentum(0.99)
 
     warmup, steps = (3, 20) if dev.type == "cuda" else (1, 5)
-    for _ in range(warmup):
-        step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.time()
-    for _ in tqdm(range(steps), desc="steps"):
-        step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.time() - t0) / steps
+    dt = seconds_per_call(step, warmup, steps, dev, "steps")
 
     # The feature pass (train.feature_pass): one momentum forward per image, batch-statistics
     # BN, at --feature-batch-size. Its images/s against the step's bound how much a SiamMM
@@ -82,16 +87,7 @@ def main():
             model.embed(xf, args.feature_bn)
 
     model.eval()
-    for _ in range(warmup):
-        embed()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.time()
-    for _ in tqdm(range(steps), desc="feature pass"):
-        embed()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    df = (time.time() - t0) / steps
+    df = seconds_per_call(embed, warmup, steps, dev, "feature pass")
 
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.arch} width {args.width} {args.img_size}px on {name} (amp {args.amp if dev.type == 'cuda' else 'off'}):")
