@@ -193,7 +193,7 @@ def test_resume_notes_every_changed_training_flag(tmp_path, capsys):
     train.main(TINY + ["--out-dir", out, "--resume", "auto", "--epochs", "3", "--stop-after-epoch", "2",
                        "--merge-lambda", "0.5"])
     note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note:"))
-    assert "from epoch 2 on" in note and "--merge-lambda 0.5 (was 1.75)" in note
+    assert "from epoch 2 on" in note and "--merge-lambda 0.5 (was 1.625)" in note
     assert "--stop-after-epoch" not in note and "--epochs" not in note   # run flags, and the same length
 
 
@@ -212,7 +212,7 @@ def test_presets_set_defaults_and_flags_win():
     """A preset fills every flag left unset; a flag on the command line wins. eq. 11's lambda
     is per preset (the paper tunes it per data set, sec. 5.1)."""
     cpu = train.get_args([])
-    assert (cpu.preset, cpu.arch, cpu.width, cpu.merge_lambda) == ("cpu", "resnet18", 16, 1.75)
+    assert (cpu.preset, cpu.arch, cpu.width, cpu.merge_lambda) == ("cpu", "resnet18", 16, 1.625)
     inet = train.get_args(["--preset", "imagenet-100ep"])
     assert (inet.arch, inet.batch_size, inet.num_clusters, inet.merge_lambda) == ("resnet50", 4096, 100000, 2.0)
     mine = train.get_args(["--preset", "imagenet-200ep", "--merge-lambda", "1.5", "--width", "32"])
