@@ -52,8 +52,8 @@ PRESETS = {
     # has every run behind these choices). Small stem for 28 px images; a quarter-width
     # resnet18 (--width 16: about 7x the images/s of width 64, which matters more than capacity
     # at this budget, "A narrower ResNet"); small heads; a 5k-image subset; SGD (LARS needs
-    # large batches). 48 epochs: k-means on the backbone passes raw pixels on the test split
-    # (ACC 0.505, 0.510 in two seeds against 0.491); 24 stayed below ("48 epochs").
+    # large batches). 48 epochs: k-means on the backbone reaches raw pixels on the test split
+    # (ACC 0.469-0.539 over five runs against 0.491); 24 stayed below ("48 epochs").
     # merge_lambda (eq. 11): the paper grid-searches lambda per data set (sec. 5.1). Here 2.0
     # stalls K near 140 of 500, 1.75 levels off at 32-41, 1.5 merges past the 10 classes to
     # 3-8; 1.625 brings K from 500 to 10 and 9 in two seeds (Fig. 2's behaviour), with k-means
@@ -273,7 +273,7 @@ def feature_loader(ds, args):
     statistics (sums over samples, all-reduced) count each image once (SPEC 2.4), and each
     z_i is the same on any number of GPUs. The eval transform draws no random number, so the
     workers persist from epoch to epoch (restarting them cost about a third of the pass on
-    the CPU default, bench/RESULTS.md "Epoch cost")."""
+    the CPU default, bench/RESULTS.md "The epoch cost with the paper's feature pass")."""
     batches = data.feature_batches(len(ds), args.feature_batch_size, args.rank, args.world_size)
     # generator: its own, so starting the workers draws no number from torch's global RNG,
     # which then stays the training augmentations' alone (a resumed run repeats exactly)
