@@ -56,7 +56,7 @@ PRESETS = {
     # (ACC 0.469-0.539 over five runs against 0.491); 24 stayed below ("48 epochs").
     # merge_lambda (eq. 11): the paper grid-searches lambda per data set (sec. 5.1). Here 2.0
     # stalls K near 140 of 500, 1.75 levels off at 32-41, 1.5 merges past the 10 classes to
-    # 3-8; 1.625 brings K from 500 to 10 and 9 in two seeds (Fig. 2's behaviour), with k-means
+    # 3-8; 1.625 brings K from 500 to 10, 9 and 6 by seed (Fig. 2's behaviour), with k-means
     # and learned-cluster AMI level with or above 1.75 ("The merging threshold", "K to 10").
     # It is tuned for 48 epochs: with --epochs 96, K merges on to 5 ("Twice the epochs").
     "cpu": dict(data="fashion-mnist", arch="resnet18", small_stem=True, width=16, img_size=16, subset=5000,
