@@ -53,7 +53,7 @@ PRESETS = {
     # resnet18 (--width 16: about 7x the images/s of width 64, which matters more than capacity
     # at this budget, "A narrower ResNet"); small heads; a 5k-image subset; SGD (LARS needs
     # large batches). 48 epochs: k-means on the backbone reaches raw pixels on the test split
-    # (ACC 0.469-0.539 over five runs against 0.491); 24 stayed below ("48 epochs").
+    # (ACC 0.469-0.539 over six runs against 0.491); 24 stayed below ("48 epochs").
     # merge_lambda (eq. 11): the paper grid-searches lambda per data set (sec. 5.1). Here 2.0
     # stalls K near 140 of 500, 1.75 levels off at 32-41, 1.5 merges past the 10 classes to
     # 3-8; 1.625 brings K from 500 to 10, 9 and 6 by seed (Fig. 2's behaviour), with k-means
@@ -266,14 +266,13 @@ def fail(msg):
     sys.exit(2)
 
 
-@torch.no_grad()
 def feature_loader(ds, args):
     """The feature pass's loader, built once per run: the data are cut into batches of
     --feature-batch-size independently of the world size and rank r embeds batches r, r + W,
     ...: every sample exactly once over all ranks and no sampler padding, so the cluster
     statistics (sums over samples, all-reduced) count each image once (SPEC 2.4), and each
     z_i is the same on any number of GPUs. The eval transform draws no random number, so the
-    workers persist from epoch to epoch (restarting them cost about a third of the pass on
+    workers persist from epoch to epoch (restarting them cost about a sixth of the pass on
     the CPU default, bench/RESULTS.md "The epoch cost with the paper's feature pass")."""
     batches = data.feature_batches(len(ds), args.feature_batch_size, args.rank, args.world_size)
     # generator: its own, so starting the workers draws no number from torch's global RNG,
@@ -283,6 +282,7 @@ def feature_loader(ds, args):
                                        generator=torch.Generator())
 
 
+@torch.no_grad()
 def feature_pass(model, loader, args):
     """z_i = momentum embedding of every training image (eval transform), this rank's share
     (feature_loader). Returns (features n_r x D on CPU, dataset indices n_r)."""
