@@ -180,31 +180,61 @@ def test_mislabel_ranking_known_case():
     labels = np.array([0] * 8 + [1] + [2] * 5 + [3] * 3)
     clusters = np.array([0] * 9 + [1] * 8)
     conf = np.linspace(0.5, 0.9, 17)
-    order, info = ev.mislabel_ranking(labels, clusters, conf)
+    suggested, share = ev.cluster_label_votes(labels, clusters)
+    assert (suggested == np.array([0] * 9 + [2] * 8)).all()
+    assert share[8] == pytest.approx(1 / 9) and share[14] == pytest.approx(3 / 8) and share[0] == pytest.approx(8 / 9)
+    order = ev.mislabel_ranking(labels, suggested, share, conf)
     assert order[0] == 8                                  # the lone 'B' (share 1/9) first
     assert order[1:].tolist() == [16, 15, 14]             # then the D's, most confident first
-    assert (info["majority"] == np.array([0] * 9 + [2] * 8)).all()
-    assert info["share"][8] == pytest.approx(1 / 9) and info["share"][14] == pytest.approx(3 / 8)
+
+
+def test_knn_label_votes_leave_one_out():
+    # four points on a circle: 0 and 1 close (labels 0, 1), 2 and 3 close (labels 1, 1).
+    # With k = 1 each point's vote comes from its nearest OTHER point, never itself.
+    a = np.radians([0, 10, 90, 100])
+    x = torch.tensor(np.stack([np.cos(a), np.sin(a)], 1), dtype=torch.float32)
+    labels = np.array([0, 1, 1, 1])
+    suggested, share = ev.knn_label_votes(x, labels, k=1, T=0.07, num_classes=2)
+    assert suggested.tolist() == [1, 0, 1, 1] and share.tolist() == [0.0, 0.0, 1.0, 1.0]
+    # k = 3 (all others), T = 1e6 (equal votes): point 0 sees labels 1, 1, 1; point 1 sees 0, 1, 1
+    suggested, share = ev.knn_label_votes(x, labels, k=3, T=1e6, num_classes=2)
+    assert suggested.tolist() == [1, 1, 1, 1]
+    assert share == pytest.approx([0.0, 2 / 3, 2 / 3, 2 / 3])
+    # exact duplicates may crowd an image's own row out of the search: it still never votes
+    dup = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]])
+    for k in (1, 2):
+        suggested, share = ev.knn_label_votes(dup, np.array([0, 1, 1, 0]), k=k, num_classes=2)
+        assert suggested[0] == 1 and share[0] == 0.0
 
 
 @needs_fmnist
 def test_mislabel_report_ranks_flipped_labels_near_top(fmnist):
-    """2% of a real 2,000-image subset gets a wrong label on purpose. Clusters come from
-    spherical k-means on the raw pixels (labels unseen); most flipped images must rank in
-    the top 2 x (number flipped) of the suspects (a random order would put ~12% there)."""
+    """2% of a real 2,000-image subset gets a wrong label on purpose. Votes come from
+    spherical k-means clusters on the raw pixels, K = 10 as where the CPU default's mixture
+    ends, or from each image's 20 nearest other images (labels unseen in both); most
+    flipped images must rank in the top 2 x (number flipped) of the suspects (a random
+    order would put ~12% there)."""
     x, y = real_subset(fmnist, 2000, seed=0)
     rng = np.random.default_rng(0)
     flip = rng.choice(2000, 40, replace=False)
     noisy = y.numpy().copy()
     noisy[flip] = (noisy[flip] + rng.integers(1, 10, 40)) % 10
-    _, cents = ev.spherical_kmeans(x, 30, seed=0, nredo=1)
+    _, cents = ev.spherical_kmeans(x, 10, seed=0, nredo=1)
     ids, cos, margin = ev.assign_clusters(x, cents)
-    for conf in (cos, margin):
-        order, info = ev.mislabel_ranking(noisy, ids, conf)
-        assert np.isin(flip, order).mean() >= 0.9            # almost every flip is a suspect at all
-        top = np.isin(flip, order[:80]).mean()
-        assert top >= 0.5, f"only {top:.0%} of the flipped labels in the top 80 of {len(order)} suspects"
-        assert 80 / len(order) < 0.25                        # and the top 80 is a small part of the list
+    found = {}
+    for votes in ("cluster", "knn"):
+        suggested, share = (ev.cluster_label_votes(noisy, ids) if votes == "cluster"
+                            else ev.knn_label_votes(x, noisy, k=20, num_classes=10))
+        for conf in (cos, margin):
+            order = ev.mislabel_ranking(noisy, suggested, share, conf)
+            assert np.isin(flip, order).mean() >= 0.9            # almost every flip is a suspect at all
+            top = np.isin(flip, order[:80]).mean()
+            assert top >= 0.5, f"{votes}: only {top:.0%} of the flipped labels in the top 80 of {len(order)} suspects"
+            assert 80 / len(order) < 0.25                        # and the top 80 is a small part of the list
+            found[votes] = top, len(order)
+    # at K = 10 every cluster mixes classes; the 20 nearest images are the finer vote: far
+    # fewer suspects (519 against 892 here), at least as many flips on top
+    assert found["knn"][1] < 0.7 * found["cluster"][1] and found["knn"][0] >= found["cluster"][0]
 
 
 def test_read_k_history(tmp_path):
@@ -254,9 +284,9 @@ def check_outputs(out, res, n_grids):
         rows = list(csv.DictReader(f))
     assert len(rows) == res["report"]["num_suspects"] > 0
     assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
-    assert all(r["label"] != r["cluster_majority"] for r in rows)
-    shares = [float(r["label_share_in_cluster"]) for r in rows]
-    assert shares == sorted(shares)                       # rarest label in its cluster first
+    assert all(r["label"] != r["suggested"] for r in rows)
+    shares = [float(r["label_share"]) for r in rows]
+    assert shares == sorted(shares)                       # rarest label in its votes first
     return loaded
 
 
@@ -296,6 +326,24 @@ def test_end_to_end_exported_backbone(tiny_run):
     assert res["source"]["small_stem"] is True                  # read off conv1's 3 x 3 kernel
     assert res["source"]["width"] == 16                         # and off its 16 output channels
     assert "k_per_epoch" not in res["report"] and not (out / "k_per_epoch.png").exists()
+
+
+@needs_fmnist
+def test_bench_mislabels_scores_both_votes(tiny_run):
+    """bench/bench_mislabels.py flips labels of the checkpoint's train images and scores
+    each vote of the mislabel report: a row per vote, shares in [0, 1]."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "bench", "bench_mislabels.py"), "--checkpoint",
+                          str(tiny_run / "checkpoint.pth"), "--train-subset", "300", "--flip", "0.1", "--knn-k", "5,20",
+                          "--workers", "0"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "300 train images, 30 labels flipped" in lines[0]
+    rows = [ln.split("|")[1:-1] for ln in lines[3:]]
+    assert [r[0].strip() for r in rows] == [f"cluster (K = {lines[0].split('K = ')[1]})", "kNN, k = 5", "kNN, k = 20"]
+    for r in rows:
+        assert int(r[1]) > 0 and all(0.0 <= float(v) <= 1.0 for v in r[2:])
 
 
 @pytest.mark.parametrize("argv, msg", [
