@@ -120,7 +120,7 @@ def get_args(argv=None):
     p.add_argument("--confidence", default="cosine", choices=["cosine", "margin"],
                    help="confidence of an assignment: cosine to its centroid, or its margin over the second nearest")
     p.add_argument("--mislabel-votes", default="knn", choices=["knn", "cluster"],
-                   help="who votes on each label of the report: the first --knn-k nearest other images (weighted, "
+                   help="who votes on each label of the report: the smallest --knn-k nearest other images (weighted, "
                         "leave-one-out) or the image's learned cluster (sec. 6.8; coarse once K nears the class count)")
     p.add_argument("--mislabel-show", type=int, default=48, help="suspected mislabels drawn in mislabels.png")
     p.add_argument("--kmeans-redo", type=int, default=5, help="k-means restarts (the best objective is kept)")
