@@ -543,8 +543,7 @@ def cluster_label_votes(labels, clusters):
     labels, clusters = np.asarray(labels), np.asarray(clusters)
     _, cl = np.unique(clusters, return_inverse=True)
     classes, lab = np.unique(labels, return_inverse=True)
-    counts = np.zeros((cl.max() + 1, len(classes)), dtype=np.int64)     # clusters x classes
-    np.add.at(counts, (cl, lab), 1)
+    counts = skm.cluster.contingency_matrix(lab, cl).T      # clusters x classes, as majority_accuracy's
     return classes[counts.argmax(1)][cl], counts[cl, lab] / counts.sum(1)[cl]
 
 

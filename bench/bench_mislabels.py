@@ -37,12 +37,15 @@ def main():
     args = p.parse_args()
     if not 0 < args.flip < 1:
         p.error(f"--flip {args.flip}: a share in (0, 1), e.g. 0.02")
-    ks = [int(k) for k in args.knn_k.split(",")]
+    try:
+        ks = [int(k) for k in args.knn_k.split(",")]
+    except ValueError:
+        p.error(f"--knn-k {args.knn_k!r}: expected comma-separated integers such as 10,20,50")
 
     # the checkpoint's features and learned clusters, exactly as evaluate.py computes them
     eargs = ev.get_args(["--checkpoint", args.checkpoint, "--workers", str(args.workers)])
     try:
-        model, mixture, _ = ev.load_checkpoint(eargs)
+        model, mixture, targs = ev.load_checkpoint(eargs)
     except ev.EvalError as e:
         p.error(str(e))
     if mixture is None:
@@ -52,7 +55,7 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     feats, emb, labels = ev.extract_features(ev.loader_for(ds, eargs, device), model.backbone,
-                                             lambda x: model.embed(x, "batch"), device)
+                                             lambda x: model.embed(x, targs.get("feature_bn", "running")), device)
     clusters, cos, _ = ev.assign_clusters(emb, mixture.centroids)
 
     # flip a seeded share of the labels, each to one of the other classes
