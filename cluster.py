@@ -52,26 +52,63 @@ def _reduce_device():
 EXACT_MAX = 8000
 
 
-def knn_search(queries, database, k):
-    """Exact inner-product search with Faiss: for each query row, the k database rows with
-    the largest dot product (= cosine similarity for unit vectors). Returns (sims, ids) as
-    numpy arrays. On the GPU when Faiss was built with GPU support and sees one (faiss-gpu
-    on a GPU machine), on the CPU otherwise."""
+def flat_ip_index(dim, device=None):
+    """An exact inner-product Faiss index: on the GPU `device` (this process's own, never every
+    visible one) when Faiss was built with GPU support, else on the CPU."""
+    index = faiss.IndexFlatIP(dim)
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and faiss_has_gpu():
+        # Faiss allocates outside PyTorch's caching allocator: hand it what PyTorch holds unused
+        torch.cuda.empty_cache()
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), device.index or 0, index)
+    return index
+
+
+def knn_search(queries, database, k, device=None):
+    """Exact inner-product search: for each query row, the k database rows with the largest
+    dot product (= cosine similarity for unit vectors). Returns (sims, ids) as numpy arrays.
+
+    device: where the search runs. The CPU (default): Faiss. A CUDA device: Faiss's GPU
+    index there when Faiss was built with GPU support (faiss-gpu), else torch on that GPU
+    (torch_search). A GPU run never falls back to CPU Faiss: torchrun gives each process one
+    thread, and one E-step search at ImageNet scale (160k x 100k x 256 per rank, 8.2 TFLOP)
+    takes about 87 s on one CPU thread against well under a second on a GPU."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and not faiss_has_gpu():
+        return torch_search(queries, database, k, device)
     q = np.ascontiguousarray(queries, dtype=np.float32)
     db = np.ascontiguousarray(database, dtype=np.float32)
-    index = faiss.IndexFlatIP(db.shape[1])
-    if faiss_on_gpu():
-        dev = torch.cuda.current_device() if torch.cuda.is_available() else 0
-        index = faiss.index_cpu_to_gpu(_gpu_resources(), dev, index)
+    index = flat_ip_index(db.shape[1], device)
     index.add(db)
     return index.search(q, k)
 
 
-def close_pairs(centroids, thresh, neighbours=5, exact_max=EXACT_MAX, seed=0):
+def torch_search(queries, database, k, device, budget=2 ** 28):
+    """knn_search with torch: query chunks times the database (exact fp32, TF32 off for the
+    product) and top-k, each chunk's similarity block at most `budget` floats (1 GiB)."""
+    db = torch.as_tensor(np.asarray(database, dtype=np.float32)).to(device)
+    q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
+    chunk = max(1, budget // max(db.shape[0], 1))
+    sims, ids = [], []
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False    # TF32's 10-bit mantissa would blur near ties
+    try:
+        for s in range(0, q.shape[0], chunk):
+            v, i = (q[s:s + chunk].to(device) @ db.T).topk(k, dim=1)
+            sims.append(v.cpu())
+            ids.append(i.cpu())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    if not sims:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return torch.cat(sims).numpy(), torch.cat(ids).numpy()
+
+
+def close_pairs(centroids, thresh, neighbours=5, exact_max=EXACT_MAX, seed=0, device=None):
     """Candidate pairs (j < k) of unit centroids with d_jk = 1 - mu_j.mu_k < thresh, as
     numpy arrays (rows, cols, d). Only close pairs matter for eq. 11, so the K x K matrix
     is never formed:
-    - K <= exact_max, or Faiss on a GPU: each centroid's `neighbours` nearest centroids by
+    - K <= exact_max, or a GPU `device`: each centroid's `neighbours` nearest centroids by
       exact search (each cluster merges at most once per call, so a few suffice);
     - larger K on a CPU: exact all-pairs search at K = 100,000 is 2.6e12 flops (tens of
       seconds on 2 cores). Instead a coarse spherical k-means (Faiss) cuts the sphere into
@@ -80,8 +117,8 @@ def close_pairs(centroids, thresh, neighbours=5, exact_max=EXACT_MAX, seed=0):
       split by a cell border is missed this time and found at a later epoch's merge."""
     K, D = centroids.shape
     c = np.ascontiguousarray(centroids, dtype=np.float32)
-    if K <= exact_max or faiss_on_gpu():
-        sims, ids = knn_search(c, c, min(neighbours + 1, K))
+    if K <= exact_max or torch.device(device or "cpu").type == "cuda":
+        sims, ids = knn_search(c, c, min(neighbours + 1, K), device)
         rows = np.repeat(np.arange(K), ids.shape[1])
         cols, d = ids.reshape(-1), 1 - sims.reshape(-1)
     else:
@@ -151,7 +188,7 @@ def greedy_matching(rows, cols, d, n, max_pairs=None):
     return d_rows[taken], d_cols[taken]
 
 
-def faiss_on_gpu():
+def faiss_has_gpu():
     """True where Faiss was built with GPU support and sees a GPU (faiss-gpu on a GPU machine)."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
@@ -178,16 +215,19 @@ class VMFMixture:
     kappa_mode: "pca" (eq. 16, appendix 10.1), "mle" (eq. 7), "const" (Table 7's ablation).
     reinit: the PCL-style ablation (Table 7, Fig. 7): fresh random init every epoch with
     nredo restarts, keeping the best objective, instead of the warm start of sec. 4.3.
+    device: where the nearest-centroid searches run (knn_search): the training's GPU, or the
+    CPU. The M-step sums stay on the CPU in float64 (K x D, all-reduced).
     """
 
     def __init__(self, dim, num_clusters, kappa_mode="pca", pca_dim=150, init_iters=20,
-                 iters=3, tol=1e-4, reinit=False, nredo=5, kappa_clip=10.0, seed=0):
+                 iters=3, tol=1e-4, reinit=False, nredo=5, kappa_clip=10.0, seed=0, device=None):
         if kappa_mode not in ("pca", "mle", "const"):
             raise ValueError(f"unknown --kappa {kappa_mode!r}: pca, mle or const")
         self.dim, self.num_clusters = dim, num_clusters
         self.kappa_mode, self.pca_dim = kappa_mode, min(pca_dim, dim)
         self.init_iters, self.iters, self.tol = init_iters, iters, tol
         self.reinit, self.nredo, self.kappa_clip, self.seed = reinit, nredo, kappa_clip, seed
+        self.device = device                       # where the searches run (knn_search)
         self.centroids = None                      # K x D float32, unit rows
         self.counts = None                         # K, int64
         self.kappa = None                          # K, float32 (raw estimate)
@@ -217,7 +257,7 @@ class VMFMixture:
         """One E-step (hard, eq. 8) on this rank's shard, then the all-reduced M-step sums.
 
         Returns r (K x D, sum of member features, float64), n (K,), sum of max cosine."""
-        sims, ids = knn_search(feats.numpy(), centroids.numpy(), 1)
+        sims, ids = knn_search(feats.numpy(), centroids.numpy(), 1, self.device)
         ids = torch.from_numpy(ids[:, 0]).long()
         dev = _reduce_device()
         K = centroids.shape[0]
@@ -310,10 +350,13 @@ class VMFMixture:
             return torch.ones(K)
         dim = self.dim
         if self.kappa_mode == "pca":
+            # the D x D second moment on the search device: 21 GFLOP in float64 at 160k x 256
+            # per rank, seconds on one CPU thread (torchrun's default), milliseconds on a GPU
             dev = _reduce_device()
-            f = feats.double()
+            f = feats.to(self.device or "cpu").double()
             s1 = _all_reduce(f.sum(0).to(dev)).cpu()
             s2 = _all_reduce((f.T @ f).to(dev)).cpu()
+            del f
             mean = s1 / n_total
             cov = s2 / n_total - torch.outer(mean, mean)
             # One thread for this D x D eigh: it is tiny, and LAPACK's many short parallel
@@ -353,7 +396,7 @@ class VMFMixture:
         is the hard assignment of eq. 8). Returns nbr (n x s) int64 and w (n x s) float32."""
         from loss import assignment_weights  # eq. 10 lives in loss.py, next to eq. 9
         s = min(s, self.centroids.shape[0])
-        _, ids = knn_search(feats.float().cpu().numpy(), self.centroids.numpy(), s)
+        _, ids = knn_search(feats.float().cpu().numpy(), self.centroids.numpy(), s, self.device)
         nbr = torch.from_numpy(ids).long()
         log_prior = torch.log(self.counts.float() / self.counts.sum()) if prior else None
         w = assignment_weights(feats.float().cpu(), self.centroids, self.kappa_for_loss(), nbr, tau, log_prior)
@@ -392,7 +435,7 @@ class VMFMixture:
             return 0, float("nan")
         mean_d, std_d = self.distance_moments()
         thresh = mean_d - lam * std_d
-        rows, cols, d = close_pairs(self.centroids.numpy(), thresh, neighbours, seed=self.seed)
+        rows, cols, d = close_pairs(self.centroids.numpy(), thresh, neighbours, seed=self.seed, device=self.device)
         a, b = greedy_matching(rows, cols, d, K, max_pairs=K - min_clusters)
         if len(a) == 0:
             return 0, thresh

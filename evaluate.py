@@ -55,7 +55,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 import data
-from cluster import VMFMixture, faiss_on_gpu, knn_search
+from cluster import VMFMixture, flat_ip_index, knn_search
 from model import SiamMM, build_backbone, model_args
 from train import autocast  # bf16 on a GPU, exact fp32 on a CPU
 
@@ -263,8 +263,9 @@ def changed_keys(module, digest):
 
 # ----------------------------------------------------------------------------- features
 @torch.no_grad()
-def extract_features(loader, backbone, embed=None, device=torch.device("cpu"), desc="features"):
-    """Frozen features of every image of a loader (eval transform, no augmentation).
+def extract_features(loader, name, backbone, embed=None, device=torch.device("cpu"), desc="features"):
+    """Frozen features of every image of a loader (eval transform, no augmentation), in the
+    data set's order whatever order the loader's batches come in (loader_for's are random).
 
     backbone(x): the pooled ResNet features (512-d resnet18, 2048-d resnet50) that kNN and
     the linear probe use. embed(x), optional: SiamMM.embed, the normalised momentum
@@ -274,17 +275,22 @@ def extract_features(loader, backbone, embed=None, device=torch.device("cpu"), d
     nothing either).
     Returns (features, embeddings or None, labels), on the CPU."""
     backbone.eval()
-    feats, embs, labels = [], [], []
-    for x, y, _ in tqdm(loader, desc=desc, leave=False):
-        x = x.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.to(memory_format=torch.channels_last)
+    n = len(loader.dataset)
+    feats = embs = None
+    labels = torch.zeros(n, dtype=torch.long)
+    for x, y, idx in tqdm(loader, desc=desc, leave=False):
+        x = data.to_input(x, name, device)
         with autocast(device):
-            feats.append(backbone(x).float().cpu())
-            if embed is not None:
-                embs.append(embed(x).float().cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(feats), (torch.cat(embs) if embed is not None else None), torch.cat(labels).long()
+            f = backbone(x).float().cpu()
+            z = embed(x).float().cpu() if embed is not None else None
+        if feats is None:
+            feats = torch.zeros(n, f.shape[1])
+            embs = torch.zeros(n, z.shape[1]) if z is not None else None
+        feats[idx] = f
+        if z is not None:
+            embs[idx] = z
+        labels[idx] = torch.as_tensor(y).long()
+    return feats, embs, labels
 
 
 def raw_transform(name, size):
@@ -297,7 +303,13 @@ def raw_transform(name, size):
 
 @torch.no_grad()
 def raw_pixels(loader, desc="raw pixels"):
-    return torch.cat([x.flatten(1) for x, _, _ in tqdm(loader, desc=desc, leave=False)])
+    """Every image's pixels as one flat row, in the data set's order."""
+    rows = None
+    for x, _, idx in tqdm(loader, desc=desc, leave=False):
+        if rows is None:
+            rows = torch.zeros(len(loader.dataset), x[0].numel())
+        rows[idx] = x.flatten(1)
+    return rows
 
 
 # ----------------------------------------------------------------------------- kNN
@@ -432,11 +444,10 @@ def split_file_subset(ds, path):
 
 def semi_transform(name, size, crop_min):
     """SimCLR's fine-tuning augmentation (appendix B.5): random resized crop and flip only."""
-    return T.Compose([T.RandomResizedCrop(size, scale=(crop_min, 1.0)), T.RandomHorizontalFlip(),
-                      T.ToTensor(), data.normalize(name)])
+    return T.Compose([T.RandomResizedCrop(size, scale=(crop_min, 1.0)), T.RandomHorizontalFlip(), T.PILToTensor()])
 
 
-def finetune(backbone, feat_dim, train_set, test_loader, num_classes, epochs, lr=0.05, batch_size=256,
+def finetune(backbone, feat_dim, train_set, test_loader, name, num_classes, epochs, lr=0.05, batch_size=256,
              seed=0, workers=0, device=torch.device("cpu"), desc="fine-tune"):
     """Semi-supervised evaluation (Table 2): a copy of the pre-trained backbone plus a
     linear classifier, both trained on the labelled subset, then top-1 / top-5 on the test
@@ -459,7 +470,7 @@ def finetune(backbone, feat_dim, train_set, test_loader, num_classes, epochs, lr
         for x, y, _ in loader:
             for group in opt.param_groups:
                 group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = data.to_input(x, name, device), y.to(device, non_blocking=True)
             with autocast(device):
                 loss = F.cross_entropy(net(x).float(), y)
             opt.zero_grad(set_to_none=True)
@@ -471,7 +482,7 @@ def finetune(backbone, feat_dim, train_set, test_loader, num_classes, epochs, lr
     with torch.no_grad():
         for x, y, _ in test_loader:
             with autocast(device):
-                preds.append(net(x.to(device)).float().topk(min(5, num_classes), dim=1).indices.cpu())
+                preds.append(net(data.to_input(x, name, device)).float().topk(min(5, num_classes), dim=1).indices.cpu())
             labels.append(torch.as_tensor(y))
     preds, labels = torch.cat(preds), torch.cat(labels)
     return {"top1": topk_accuracy(preds, labels, 1), "top5": topk_accuracy(preds, labels, 5)}
@@ -506,13 +517,14 @@ def cluster_metrics(labels, clusters):
             "hungarian_acc": hungarian_accuracy(labels, clusters)}
 
 
-def spherical_kmeans(feats, k, seed=0, niter=50, nredo=5):
+def spherical_kmeans(feats, k, seed=0, niter=50, nredo=5, device=None):
     """k-means on the unit sphere (cosine, as the model is trained: STYLE.md lists k-means
     on unnormalised features as a common mistake) with Faiss, best of nredo seeded runs,
     on all points (no subsampling). Returns (assignments, K x D centroids)."""
     x = np.ascontiguousarray(F.normalize(torch.as_tensor(feats).float(), dim=1).numpy())
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, spherical=True, seed=seed, gpu=faiss_on_gpu(),
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, spherical=True, seed=seed,
                       max_points_per_centroid=max(256, x.shape[0]), verbose=False)
+    km.index = flat_ip_index(x.shape[1], device)   # this process's GPU only (gpu=True takes every one)
     km.train(x)
     _, ids = km.index.search(x, 1)
     return ids[:, 0].astype(np.int64), torch.from_numpy(km.centroids.copy())
@@ -524,13 +536,13 @@ def pixel_kmeans(pixels, k, seed=0, n_init=10):
     return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(np.asarray(pixels, dtype=np.float32))
 
 
-def assign_clusters(z, centroids):
+def assign_clusters(z, centroids, device=None):
     """Each embedding's nearest centroid by cosine (the hard E-step of eq. 8, Faiss search),
     with two confidences: the cosine to that centroid and its margin over the second
     nearest. Returns (cluster ids, cosine, margin) as numpy arrays."""
     k = min(2, centroids.shape[0])
     z = F.normalize(torch.as_tensor(z).float(), dim=1).numpy()
-    sims, ids = knn_search(z, F.normalize(torch.as_tensor(centroids).float(), dim=1).numpy(), k)
+    sims, ids = knn_search(z, F.normalize(torch.as_tensor(centroids).float(), dim=1).numpy(), k, device)
     margin = sims[:, 0] - sims[:, 1] if k == 2 else sims[:, 0].copy()
     return ids[:, 0].astype(np.int64), sims[:, 0].astype(np.float32), margin.astype(np.float32)
 
@@ -547,7 +559,7 @@ def cluster_label_votes(labels, clusters):
     return classes[counts.argmax(1)][cl], counts[cl, lab] / counts.sum(1)[cl]
 
 
-def knn_label_votes(feats, labels, k=20, T=0.07, num_classes=None):
+def knn_label_votes(feats, labels, k=20, T=0.07, num_classes=None, device=None):
     """The kNN vote on every label: each image's k nearest other images of the same split
     (cosine, Faiss search) vote exp(cos / T) for their labels, as in knn_classify. No image
     votes for itself (leave-one-out: an out-of-sample classifier, as confident learning
@@ -557,7 +569,7 @@ def knn_label_votes(feats, labels, k=20, T=0.07, num_classes=None):
     labels = np.asarray(labels)
     n, C = len(labels), num_classes or int(labels.max()) + 1
     k = min(k, n - 1)
-    sims, ids = knn_search(x, x, k + 1)
+    sims, ids = knn_search(x, x, k + 1, device)
     own = ids == np.arange(n)[:, None]
     own[~own.any(1), -1] = True          # self crowded out by exact duplicates: drop the farthest instead
     sims, ids = sims[~own].reshape(n, k), ids[~own].reshape(n, k)
@@ -754,9 +766,11 @@ def summary_table(res):
 
 # ----------------------------------------------------------------------------- main
 def loader_for(ds, args, device):
-    """In order, in batches of --batch-size with no batch of a single image (the momentum
-    embedding may use batch statistics, as train.py's feature pass does)."""
-    return torch.utils.data.DataLoader(ds, batch_sampler=data.feature_batches(len(ds), args.batch_size),
+    """Every image once, in batches of --batch-size cut from a seeded permutation, with no
+    batch of a single image: the momentum embedding normalises with batch statistics, as
+    train.py's feature pass does, and an image folder lists its images sorted by class, so
+    consecutive batches would each hold one class (data.feature_batches)."""
+    return torch.utils.data.DataLoader(ds, batch_sampler=data.feature_batches(len(ds), args.batch_size, seed=args.seed),
                                        num_workers=args.workers, pin_memory=device.type == "cuda")
 
 
@@ -801,7 +815,8 @@ def evaluate(args):
     t0 = time.time()
     feats = {}
     for name, ds in (("train", train_set), ("test", test_set)):
-        feats[name] = extract_features(loader_for(ds, args, device), backbone, embed, device, desc=f"features {name}")
+        feats[name] = extract_features(loader_for(ds, args, device), args.data, backbone, embed, device,
+                                       desc=f"features {name}")
     num_classes = len(classes) if classes else int(max(feats["train"][2].max(), feats["test"][2].max())) + 1
     times["features"] = time.time() - t0
     (ftr, ztr, ytr), (fte, zte, yte) = feats["train"], feats["test"]
@@ -825,13 +840,13 @@ def evaluate(args):
     # ---- clusters: k-means with K = number of classes on the backbone features (Hungarian)
     t0 = time.time()
     mfeat, memb, mlab = feats[args.metrics_split]
-    km_ids, _ = spherical_kmeans(mfeat, num_classes, args.seed, nredo=args.kmeans_redo)
+    km_ids, _ = spherical_kmeans(mfeat, num_classes, args.seed, nredo=args.kmeans_redo, device=device)
     kmeans = {"split": args.metrics_split, "method": "faiss spherical k-means on L2-normalised backbone features",
               "redo": args.kmeans_redo} | cluster_metrics(mlab.numpy(), km_ids)
     # the learned clusters (Table 3): each image's momentum embedding -> nearest centroid
     learned = None
     if mixture is not None:
-        ids, _, _ = assign_clusters(memb, mixture.centroids)
+        ids, _, _ = assign_clusters(memb, mixture.centroids, device)
         learned = {"split": args.metrics_split, "K_mixture": int(mixture.centroids.shape[0])} | cluster_metrics(mlab.numpy(), ids)
         if learned["K_mixture"] != num_classes:   # SPEC 4: Hungarian accuracy only when K = number of classes
             learned["hungarian_acc"] = None
@@ -864,16 +879,16 @@ def evaluate(args):
     rfeat, remb, rlab = feats[args.report_split]
     rds = train_set if args.report_split == "train" else test_set
     if mixture is not None:
-        rids, rcos, rmargin = assign_clusters(remb, mixture.centroids)
+        rids, rcos, rmargin = assign_clusters(remb, mixture.centroids, device)
         report["cluster_source"] = "the checkpoint's mixture (momentum embeddings -> nearest centroid)"
     else:   # an exported backbone has no mixture: spherical k-means, K = classes, on its features
-        _, cents = spherical_kmeans(rfeat, num_classes, args.seed, nredo=args.kmeans_redo)
-        rids, rcos, rmargin = assign_clusters(rfeat, cents)
+        _, cents = spherical_kmeans(rfeat, num_classes, args.seed, nredo=args.kmeans_redo, device=device)
+        rids, rcos, rmargin = assign_clusters(rfeat, cents, device)
         report["cluster_source"] = f"spherical k-means (K = {num_classes}) on backbone features"
     rlab = rlab.numpy()
     conf = rcos if args.confidence == "cosine" else rmargin
     if args.mislabel_votes == "knn":
-        suggested, share = knn_label_votes(rfeat, rlab, args.knn_k[0], args.knn_t, num_classes)
+        suggested, share = knn_label_votes(rfeat, rlab, args.knn_k[0], args.knn_t, num_classes, device)
         report["votes"] = f"the {args.knn_k[0]} nearest other {args.report_split} images (backbone features, weighted kNN)"
     else:
         suggested, share = cluster_label_votes(rlab, rids)
@@ -913,7 +928,7 @@ def evaluate(args):
                    else balanced_subset(ytr.numpy(), pct, args.seed))
             epochs_ft = args.semi_epochs or (60 if pct <= 1 else 30)
             r = finetune(backbone, feat_dim, torch.utils.data.Subset(aug_train, idx), loader_for(test_set, args, device),
-                         num_classes, epochs_ft, args.semi_lr, args.semi_batch_size, args.seed, args.workers, device,
+                         args.data, num_classes, epochs_ft, args.semi_lr, args.semi_batch_size, args.seed, args.workers, device,
                          desc=f"fine-tune {pct:g}%")
             semi[f"{pct:g}"] = r | {"labels": int(len(idx)), "epochs": epochs_ft,
                                     "crop_min": crop_min,

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from cluster import VMFMixture
+from cluster import VMFMixture, faiss_has_gpu
 from loss import siammm_loss
 from model import SiamMM, model_args, momentum_at
 
@@ -67,15 +67,16 @@ PRESETS = {
     # LARS (wd 1e-6, momentum 0.9), batch 4096, cosine lr, MoCo v3 augmentations. The paper's
     # base lr values were lost in extraction; these are MoCo v3's ResNet-50 values. Its
     # lambda of eq. 11 was lost too ("a percentile of the normalised pairwise distance"):
-    # 2.0 merges pairs below about the 2nd percentile, were d Gaussian.
+    # 2.0 merges pairs below about the 2nd percentile, were d Gaussian. The paper uses MoCo v3's
+    # augmentations; MoCo v3's ResNet-50 recipes (its CONFIG.md) crop with --crop-min .2.
     "imagenet-100ep": dict(data="imagenet", arch="resnet50", small_stem=False, width=64, img_size=224, subset=0,
                            proj_hidden=4096, pred_hidden=4096, dim=256, pca_dim=150, batch_size=4096,
                            epochs=100, optimizer="lars", lr=0.6, weight_decay=1e-6, warmup_epochs=10,
-                           momentum=0.99, num_clusters=100000, crop_min=0.08, workers=10, merge_lambda=2.0),
+                           momentum=0.99, num_clusters=100000, crop_min=0.2, workers=10, merge_lambda=2.0),
     "imagenet-200ep": dict(data="imagenet", arch="resnet50", small_stem=False, width=64, img_size=224, subset=0,
                            proj_hidden=4096, pred_hidden=4096, dim=256, pca_dim=150, batch_size=4096,
                            epochs=200, optimizer="lars", lr=0.5, weight_decay=1e-6, warmup_epochs=10,
-                           momentum=0.99, num_clusters=100000, crop_min=0.08, workers=10, merge_lambda=2.0),
+                           momentum=0.99, num_clusters=100000, crop_min=0.2, workers=10, merge_lambda=2.0),
 }
 
 
@@ -207,6 +208,45 @@ def lr_at(t, args):
 
 
 # ----------------------------------------------------------------------------- helpers
+class LossMeter:
+    """The epoch's mean loss terms, summed on the device (no synchronisation per step), and
+    the divergence check. Under fp16 a non-finite loss is a step that GradScaler skips (it
+    halves the scale and goes on; the weights are untouched): it is left out of the means,
+    and only a long run of such steps in a row means divergence. Without a scaler a
+    non-finite loss has already reached the weights: stop at once."""
+
+    MAX_SKIPS_IN_A_ROW = 20   # the loss scale halved 20 times (1e-6): no longer an fp16 overflow
+
+    def __init__(self, device, skips_allowed=False):
+        self.sums = torch.zeros(4, device=device)   # loss, L_inst, L_clus, finite steps
+        self.bad = torch.zeros((), device=device, dtype=torch.long)
+        self.bad_run = torch.zeros((), device=device, dtype=torch.long)
+        self.skips_allowed, self.steps, self.checked = skips_allowed, 0, 0
+
+    def add(self, loss, l_inst, l_clus):
+        ok = torch.isfinite(loss)
+        terms = torch.stack([loss.detach(), l_inst, l_clus, torch.ones_like(l_inst)])
+        self.sums += torch.where(ok, terms, torch.zeros_like(terms))
+        self.bad += ~ok
+        self.bad_run = (self.bad_run + 1) * ~ok
+        self.steps += 1
+
+    def check(self):
+        """None, or what is wrong (synchronises with the device: call it every few steps)."""
+        bad, run, window = int(self.bad), int(self.bad_run), self.steps - self.checked
+        self.bad.zero_()
+        self.checked = self.steps
+        if bad and not self.skips_allowed:
+            return f"the loss was not finite in {bad} of the last {window} steps"
+        if run >= self.MAX_SKIPS_IN_A_ROW:
+            return f"the loss was not finite in {run} steps in a row (fp16: GradScaler skipped each)"
+        return None
+
+    def means(self):
+        s = self.sums.tolist()
+        return [v / max(s[3], 1) for v in s[:3]]
+
+
 def setup_distributed(args):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is world size 1."""
     if args.device == "auto":
@@ -234,17 +274,19 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def rng_state():
+def rng_state(dev):
+    """This process's RNG states. On a GPU only its own device's: a job resumed on a node that
+    shows fewer GPUs (CUDA_VISIBLE_DEVICES, another node type) must still restore it."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
 
 
-def set_rng_state(s):
+def set_rng_state(s, dev):
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s["cuda"] is not None and dev.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], dev)
 
 
 # Flags that say where and how this process runs, not what it trains: a resume may change
@@ -274,12 +316,13 @@ def feature_loader(ds, args):
     z_i is the same on any number of GPUs. The eval transform draws no random number, so the
     workers persist from epoch to epoch (restarting them cost about a sixth of the pass on
     the CPU default, bench/RESULTS.md "The epoch cost with the paper's feature pass")."""
-    batches = data.feature_batches(len(ds), args.feature_batch_size, args.rank, args.world_size)
+    batches = data.feature_batches(len(ds), args.feature_batch_size, args.rank, args.world_size, args.seed)
     # generator: its own, so starting the workers draws no number from torch's global RNG,
-    # which then stays the training augmentations' alone (a resumed run repeats exactly)
+    # which then stays the training augmentations' alone (a resumed run repeats exactly).
+    # Not persistent: its workers exit after each pass instead of idling through the training
+    # epoch, each holding its own copy of the file list (ImageNet: 1.28M paths) and memory.
     return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=args.workers,
-                                       pin_memory=args.dev.type == "cuda", persistent_workers=args.workers > 0,
-                                       generator=torch.Generator())
+                                       pin_memory=args.dev.type == "cuda", generator=torch.Generator())
 
 
 @torch.no_grad()
@@ -289,9 +332,7 @@ def feature_pass(model, loader, args):
     model.eval()  # with --feature-bn batch, embed() switches BN to batch statistics itself
     feats, index = [], []
     for x, _, idx in tqdm(loader, desc="  features", disable=not args.master, leave=False):
-        x = x.to(args.dev, non_blocking=True)
-        if args.dev.type == "cuda":
-            x = x.to(memory_format=torch.channels_last)
+        x = data.to_input(x, args.data, args.dev)
         with autocast(args.dev, args.amp):
             z = model.embed(x, args.feature_bn, args.local_group)
         feats.append(z.float().cpu())
@@ -338,7 +379,7 @@ def owned_rows(n_total, args, rank=None):
     """The dataset indices a rank embeds in the feature pass (data.feature_batches), in that
     order: the rows of the mixture's statistics this rank owns, whatever the E-step's source."""
     rank = args.rank if rank is None else rank
-    return torch.tensor([i for b in data.feature_batches(n_total, args.feature_batch_size, rank, args.world_size)
+    return torch.tensor([i for b in data.feature_batches(n_total, args.feature_batch_size, rank, args.world_size, args.seed)
                          for i in b], dtype=torch.long)
 
 
@@ -444,7 +485,8 @@ def train(args):
     optimizer = build_optimizer(raw.online_parameters(), args)
     scaler = torch.amp.GradScaler("cuda", enabled=args.dev.type == "cuda" and args.amp == "fp16")
     mixture = VMFMixture(args.dim, args.num_clusters, args.kappa, args.pca_dim, args.init_iters, args.kmeans_iters,
-                         reinit=args.reinit_centroids, nredo=args.nredo, kappa_clip=args.kappa_clip, seed=args.seed)
+                         reinit=args.reinit_centroids, nredo=args.nredo, kappa_clip=args.kappa_clip, seed=args.seed,
+                         device=args.dev)
 
     # ---- resume
     os.makedirs(args.out_dir, exist_ok=True)
@@ -453,8 +495,9 @@ def train(args):
     bank = None   # --features targets: this rank's rows of last epoch's momentum targets (feature_bank_update)
     owned = [owned_rows(N, args, r) for r in range(args.world_size)] if args.features == "targets" else None
     resume = ckpt_path if args.resume == "auto" else args.resume
-    if resume and os.path.exists(resume):
-        ckpt = torch.load(resume, map_location="cpu", weights_only=False)
+    ckpt = torch.load(resume, map_location="cpu", weights_only=False) if resume and os.path.exists(resume) else None
+    agree_on_resume(ckpt["epoch"] if ckpt else None, resume, args)
+    if ckpt:
         saved = ckpt["args"]
         for k, was in (model_args(saved) | {"data": saved["data"]}).items():
             if was != getattr(args, k):
@@ -473,12 +516,13 @@ def train(args):
         except (RuntimeError, ValueError) as e:  # a checkpoint of another code version or model
             fail(f"cannot resume {resume}: its weights do not fit this model "
                  f"({str(e).splitlines()[0]}); start a new --out-dir")
-        scaler.load_state_dict(ckpt["scaler"])
+        if scaler.is_enabled() and ckpt["scaler"]:   # empty when saved by a bf16, fp32 or CPU run
+            scaler.load_state_dict(ckpt["scaler"])
         if ckpt["mixture"] is not None:
             mixture.load_state_dict(ckpt["mixture"])
         start_epoch = ckpt["epoch"]
         bank = load_bank(os.path.dirname(resume), start_epoch, N, args)
-        set_rng_state(ckpt["rng"][args.rank] if args.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        set_rng_state(ckpt["rng"][args.rank] if args.rank < len(ckpt["rng"]) else ckpt["rng"][0], args.dev)
         if args.master:
             print(f"resumed from {resume} at epoch {start_epoch}")
     elif args.resume and args.resume != "auto":
@@ -486,7 +530,7 @@ def train(args):
 
     if args.master:
         print(f"SiamMM | {args.arch} on {args.data} (N = {N}) | {args.world_size} x {args.dev.type} | "
-              f"batch {args.batch_size} | {args.epochs} epochs | K0 = {args.num_clusters}")
+              f"batch {args.batch_size} | {args.epochs} epochs | K0 = {args.num_clusters} | E-step search: {search_backend(args.dev)}")
         with open(os.path.join(args.out_dir, "args.json"), "w") as f:
             json.dump(saved_args(args), f, indent=1)
     log_path = os.path.join(args.out_dir, "log.jsonl")
@@ -520,7 +564,7 @@ def train(args):
             del feats
         # ---- 3. training epoch, eq. 13
         t0 = time.time()
-        sums = torch.zeros(3, device=args.dev)   # loss, L_inst, L_clus; summed on device, synced rarely
+        meter = LossMeter(args.dev, skips_allowed=scaler.is_enabled())
         collect = bank is not None               # implies --features targets and clusters in use
         seen_idx, seen_k = [], []                # --features targets: this epoch's momentum targets
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not args.master, leave=False)
@@ -530,9 +574,7 @@ def train(args):
             for g in optimizer.param_groups:
                 g["lr"] = lr
             m = momentum_at(t, args.epochs, args.momentum)
-            x1, x2 = x1.to(args.dev, non_blocking=True), x2.to(args.dev, non_blocking=True)
-            if args.dev.type == "cuda":
-                x1, x2 = x1.to(memory_format=torch.channels_last), x2.to(memory_format=torch.channels_last)
+            x1, x2 = data.to_input(x1, args.data, args.dev), data.to_input(x2, args.data, args.dev)
             with autocast(args.dev, args.amp):
                 q1, q2, k1, k2 = model(x1, x2)
             q1, q2, k1, k2 = q1.float(), q2.float(), k1.float(), k2.float()
@@ -551,17 +593,18 @@ def train(args):
             scaler.step(optimizer)
             scaler.update()
             raw.update_momentum(m)
-            sums += torch.stack([loss.detach(), l_inst, l_clus])
+            meter.add(loss, l_inst, l_clus)
             if i % 20 == 0 or i == steps_per_epoch - 1:
-                s = (sums / (i + 1)).tolist()
-                if not math.isfinite(s[0]):
+                problem = meter.check()
+                if problem:
                     bar.close()
-                    fail(f"loss is {s[0]} at epoch {epoch + 1}, step {i}: training diverged; lower --lr "
-                         f"(the last good checkpoint, {ckpt_path}, is kept)")
+                    kept = (f"the last good checkpoint, {ckpt_path}, is kept" if os.path.exists(ckpt_path)
+                            else "no checkpoint was written yet")
+                    fail(f"{problem} at epoch {epoch + 1}, step {i}: training diverged; lower --lr ({kept})")
+                s = meter.means()
                 bar.set_postfix(loss=f"{s[0]:.4f}", inst=f"{s[1]:.4f}", clus=f"{s[2]:.4f}", lr=f"{lr:.3g}")
         if args.distributed:
-            dist.all_reduce(sums)
-            sums /= args.world_size
+            dist.all_reduce(meter.sums)
         times["training"] = time.time() - t0
         if collect:
             t0 = time.time()
@@ -589,7 +632,7 @@ def train(args):
             atomic_save(shard, bank_path(args.out_dir, args.rank))
             if args.save_every and (epoch + 1) % args.save_every == 0:
                 atomic_save(shard, bank_path(args.out_dir, args.rank, epoch + 1))
-        avg = (sums / steps_per_epoch).tolist()
+        avg = meter.means()
         rec = {"epoch": epoch + 1, "loss": avg[0], "loss_inst": avg[1], "loss_clus": avg[2], "lr": lr, "momentum": m,
                "time": {k: round(v, 3) for k, v in times.items()} | {"epoch": round(time.time() - t_epoch, 3)},
                "images_per_s": steps_per_epoch * args.batch_size / times["training"]}
@@ -634,10 +677,31 @@ def load_bank(run_dir, epoch, n_total, args):
     return shard["rows"] if same else None
 
 
+def search_backend(dev):
+    """What runs the E-step's nearest-centroid search (cluster.knn_search), said at start."""
+    if dev.type != "cuda":
+        return f"Faiss on the CPU ({torch.get_num_threads()} threads)"
+    return f"Faiss on {dev}" if faiss_has_gpu() else f"torch on {dev} (this Faiss has no GPU support)"
+
+
+def agree_on_resume(epoch, path, args):
+    """Every rank must resume from the same epoch. Nodes without a shared --out-dir see
+    different files: the ranks that find no checkpoint would start from scratch while the
+    others resume, and the replicas would drift apart without a word. Stop instead."""
+    if not args.distributed:
+        return
+    seen = [None] * args.world_size
+    dist.all_gather_object(seen, epoch)
+    if len(set(seen)) > 1:
+        where = ", ".join(f"rank {r}: {'epoch ' + str(e) if e is not None else 'none'}" for r, e in enumerate(seen))
+        fail(f"the ranks see different checkpoints at {path or 'OUT_DIR/checkpoint.pth'} ({where}): put --out-dir "
+             "on a file system that every node shares, or copy the checkpoint to every node")
+
+
 def gather_rng(args):
     """Every rank's RNG state (rank 0 saves them all), so a resumed run draws the same
     augmentations on every rank as the uninterrupted one would have."""
-    state = rng_state()
+    state = rng_state(args.dev)
     if not args.distributed:
         return [state]
     out = [None] * args.world_size

@@ -45,7 +45,7 @@ def machine():
     return (f"{cpu} | os.cpu_count() = {os.cpu_count()}, usable cores = {len(os.sched_getaffinity(0))}, "
             f"torch threads = {torch.get_num_threads()}, faiss threads = {faiss.omp_get_max_threads()} | "
             f"torch {torch.__version__}, faiss {faiss.__version__} ({'GPU build' if hasattr(faiss, 'StandardGpuResources') else 'CPU build'}, "
-            f"{gpus} GPU(s) seen, so {'GPU' if cluster.faiss_on_gpu() else 'CPU'} search) | numpy {np.__version__}, python {platform.python_version()}")
+            f"{gpus} GPU(s) seen, so {'GPU' if cluster.faiss_has_gpu() else 'CPU'} search) | numpy {np.__version__}, python {platform.python_version()}")
 
 
 def load():
@@ -112,7 +112,7 @@ def bench_merge(K, D, lam, repeats, thread_counts, seed=0):
                          mean_d, std_d, thresh))
     set_threads(default)
 
-    search = "exact kNN" if K <= cluster.EXACT_MAX or cluster.faiss_on_gpu() else "k-means cells"
+    search = "exact kNN" if K <= cluster.EXACT_MAX else "k-means cells"
     print(f"\n1. Merging, K = {K:,}, D = {D}, lambda = {lam} ({search} candidate search) | {load()}")
     head = (f"{'centroids':25s} {'thr':>3s} {'moments':>8s} {'pairs':>7s} {'match':>6s} | {'merge() best':>12s} {'median':>7s} "
             f"{'cpu':>6s} | {'cands':>8s} {'merged':>7s} {'K after':>8s} | E[d]   sigma  thresh")

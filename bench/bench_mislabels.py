@@ -54,7 +54,7 @@ def main():
                      args.train_subset, args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    feats, emb, labels = ev.extract_features(ev.loader_for(ds, eargs, device), model.backbone,
+    feats, emb, labels = ev.extract_features(ev.loader_for(ds, eargs, device), eargs.data, model.backbone,
                                              lambda x: model.embed(x, targs.get("feature_bn", "running")), device)
     clusters, cos, _ = ev.assign_clusters(emb, mixture.centroids)
 

@@ -715,3 +715,18 @@ def test_two_gloo_processes_match_one_process(tmp_path, shard):
         nbr[out["assign"][2]], w[out["assign"][2]] = out["assign"][0], out["assign"][1]
     assert torch.equal(nbr, single["assign"][0])
     assert torch.allclose(w, single["assign"][1], atol=1e-5)
+
+
+def test_torch_search_equals_faiss():
+    """The E-step's search on a GPU when Faiss has no GPU build (torch matmul + top-k, chunked)
+    returns Faiss's neighbours and similarities; run here on the CPU, in many chunks."""
+    g = torch.Generator().manual_seed(0)
+    q = unit(torch.randn(1000, 32, generator=g)).numpy()
+    db = unit(torch.randn(300, 32, generator=g)).numpy()
+    s1, i1 = cluster.knn_search(q, db, 5)                                    # Faiss, CPU
+    s2, i2 = cluster.torch_search(q, db, 5, torch.device("cpu"), budget=300 * 64)   # 16 chunks
+    assert s2.dtype == np.float32 and i2.dtype == np.int64 and i2.shape == (1000, 5)
+    assert (i1 == i2).all()
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+    empty = cluster.torch_search(q[:0], db, 3, torch.device("cpu"))
+    assert empty[0].shape == (0, 3) and empty[1].shape == (0, 3)

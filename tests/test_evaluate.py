@@ -139,13 +139,13 @@ def test_frozen_backbone_check_can_fail():
     model = SiamMM("resnet18", small_stem=True, in_chans=1, proj_hidden=32, pred_hidden=32, dim=16)
     bb = model.backbone
     digest = ev.state_digest(bb)
-    x = torch.randn(8, 1, 8, 8)
-    loader = [(x, torch.zeros(8, dtype=torch.long), torch.arange(8))]
-    f, z, y = ev.extract_features(loader, bb, model.eval().embed)
+    x = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)          # as the loaders send images
+    loader = torch.utils.data.DataLoader([(x[i], 0, i) for i in range(8)], batch_size=8)
+    f, z, y = ev.extract_features(loader, "fashion-mnist", bb, model.eval().embed)
     assert f.shape == (8, 512) and z.shape == (8, 16) and torch.allclose(z.norm(dim=1), torch.ones(8), atol=1e-5)
     assert ev.changed_keys(bb, digest) == []
     bb.train()
-    bb(x)                                               # BN running stats move
+    bb(x.float())                                       # BN running stats move
     assert "bn1.running_mean" in ev.changed_keys(bb, digest)
 
 
@@ -260,7 +260,8 @@ def tiny_run(tmp_path_factory):
                  feature_bn="batch")   # embed()'s default below, as train.py's feature pass
     model = SiamMM("resnet18", True, 1, 32, 32, 16, width=16).eval()   # the CPU preset's narrow ResNet
     ds = data.subset(data.load_dataset("fashion-mnist", "", "train", data.eval_transform("fashion-mnist", 8)), 300, 0)
-    z = torch.cat([model.embed(x) for x, _, _ in torch.utils.data.DataLoader(ds, batch_size=150)])
+    z = torch.cat([model.embed(data.to_input(x, "fashion-mnist", torch.device("cpu")))
+                   for x, _, _ in torch.utils.data.DataLoader(ds, batch_size=150)])
     mix = VMFMixture(16, 12, kappa_mode="mle", init_iters=5)
     mix.fit(z, torch.arange(len(z)), len(z))
     mix.k_history = [12, int(mix.centroids.shape[0])]

@@ -260,15 +260,17 @@ def test_feature_bank_update_replaces_seen_rows_and_keeps_the_rest():
     targets; samples this epoch did not reach (drop_last) keep last epoch's row."""
     import types
     args = types.SimpleNamespace(distributed=False, dev=torch.device("cpu"), rank=0, world_size=1,
-                                 feature_batch_size=4)
-    old = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)   # one process owns rows 0..5
+                                 feature_batch_size=4, seed=0)
+    old = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)   # one process owns all 6 rows
     k1, k2 = torch.eye(4)[[0, 1]], torch.eye(4)[[1, 1]]
     new = torch.nn.functional.normalize(k1 + k2, dim=1)      # what train.py stores per sample
-    bank = train.feature_bank_update(old.clone(), [train.owned_rows(6, args)], torch.tensor([4, 1]), new, args)
+    owned = train.owned_rows(6, args)                        # the bank's row r holds sample owned[r]
+    row = {int(i): r for r, i in enumerate(owned)}
+    bank = train.feature_bank_update(old.clone(), [owned], torch.tensor([4, 1]), new, args)
     s = 2 ** -0.5
-    assert torch.allclose(bank[4], torch.tensor([s, s, 0, 0]))   # (e0 + e1) / sqrt 2
-    assert torch.allclose(bank[1], torch.tensor([0.0, 1, 0, 0]))
-    keep = [0, 2, 3, 5]
+    assert torch.allclose(bank[row[4]], torch.tensor([s, s, 0, 0]))   # (e0 + e1) / sqrt 2
+    assert torch.allclose(bank[row[1]], torch.tensor([0.0, 1, 0, 0]))
+    keep = [row[i] for i in (0, 2, 3, 5)]
     assert torch.equal(bank[keep], old[keep])
 
 
@@ -292,3 +294,58 @@ def test_targets_features_skip_the_pass_and_resume_exactly(tmp_path):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert torch.equal(a["mixture"]["centroids"], b["mixture"]["centroids"])
+
+
+# ----------------------------------------------------------------------------- the GPU path, as far as a CPU shows it
+def test_rng_state_saves_and_restores_this_rank_s_gpu_only(monkeypatch):
+    """A checkpoint saved where rank 5 saw 8 GPUs resumes where one GPU is visible: each rank
+    keeps only its own device's CUDA generator (the every-device calls raised IndexError)."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([torch.device(device).index]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved every visible GPU"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restored every visible GPU"))
+    state = train.rng_state(torch.device("cuda", 5))
+    assert state["cuda"].tolist() == [5]
+    train.set_rng_state(state, torch.device("cuda", 0))
+    assert restored == [(state["cuda"], torch.device("cuda", 0))]
+    assert train.rng_state(torch.device("cpu"))["cuda"] is None
+
+
+def test_loss_meter_lets_fp16_skip_a_step_but_not_diverge():
+    """GradScaler skips an fp16 step whose loss or gradients are not finite: one such step
+    must not end the run (it used to, through the divergence check) nor enter the means;
+    20 in a row are divergence. Without a scaler one non-finite loss is."""
+    nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
+    m = train.LossMeter(torch.device("cpu"), skips_allowed=True)
+    for loss in (one, nan, one * 3):
+        m.add(loss, loss.clone(), torch.tensor(0.0))
+    assert m.check() is None and m.means() == [2.0, 2.0, 0.0]
+    for _ in range(20):
+        m.add(nan, nan, nan)
+    assert "20 steps in a row" in m.check()
+    strict = train.LossMeter(torch.device("cpu"))
+    strict.add(one, one, one)
+    strict.add(nan, nan, nan)
+    assert "1 of the last 2 steps" in strict.check()
+
+
+def test_nodes_without_a_shared_out_dir_stop_with_one_line(tmp_path):
+    """Two 'nodes' (two torchrun agents, --nnodes 2) run in different folders with the same
+    relative --out-dir: node 0 finds a checkpoint, node 1 none. Before, node 1's rank started
+    from scratch while rank 0 resumed; now both stop and say why."""
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node1.mkdir()
+    run(node0, "--epochs", "2", "--stop-after-epoch", "1", name="shared")
+    port = free_port()
+    procs = []
+    for rank, cwd in enumerate((node0, node1)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
+               "--master_addr=127.0.0.1", f"--master_port={port}", os.path.join(ROOT, "train.py")] + TINY + \
+              ["--epochs", "2", "--out-dir", "shared", "--resume", "auto"]
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode != 0
+        assert "train.py: error: the ranks see different checkpoints" in err and "rank 1: none" in err, err[-2000:]

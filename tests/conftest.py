@@ -1,0 +1,25 @@
+"""Shared fixtures: real images written as an image folder sorted by class, the way
+torchvision's ImageFolder lists ImageNet (train/<class>/..., val/<class>/...).
+
+Fashion-MNIST's idx files come shuffled; a folder does not. Anything whose result can
+depend on the order of the data (BN batches, sharding, subsets) is tested on these."""
+
+import os
+
+import pytest
+
+import data
+from bench.fmnist_folder import write_class_folder  # noqa: F401 (the tests' class-sorted folders)
+
+
+HAVE_FMNIST = any(os.path.exists(os.path.join(data.DEBIAN_FASHION_MNIST, f))
+                  for f in ("train-labels-idx1-ubyte", "train-labels-idx1-ubyte.gz"))
+needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="apt-get install dataset-fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def sorted_folder(tmp_path_factory):
+    """4 classes x 50 train (and 10 val) real images, PNG, listed class by class."""
+    if not HAVE_FMNIST:
+        pytest.skip("apt-get install dataset-fashion-mnist")
+    return write_class_folder(tmp_path_factory.mktemp("sorted"), 50, 10, classes=4)
