@@ -1,5 +1,7 @@
 """
-Data for train.py and evaluate.py (one place, so both read a data set the same way).
+Data for train.py, evaluate.py and linear.py: one place, so that every program reads a data
+set the same way. What differs between data sets (channels, normalisation, sizes, where the
+files live) is in SPECS and load_dataset, nowhere else.
 
 - fashion-mnist (the embedded default): the idx files of the Debian package
   `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist), or of --data-dir, or
@@ -9,11 +11,13 @@ Data for train.py and evaluate.py (one place, so both read a data set the same w
 Labels are read only for evaluation; training never looks at them. Every dataset returns
 (image, label, index): the index lets the per-epoch feature pass write each feature to its
 sample exactly once and lets the training step look up each sample's cluster assignment.
+The loaders send uint8 images; to_input() scales and normalises them on the device.
 MoCo v3's augmentations (two asymmetric views) are built here too.
 """
 
 import gzip
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,15 +25,34 @@ import torchvision.transforms as T
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import datasets
 
+from utils import UserError
+
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)   # the Fashion-MNIST train split's statistics
 
 
-class DataError(Exception):
-    """A problem with the user's data: printed as one line, no traceback."""
+@dataclass(frozen=True)
+class Spec:
+    """What a data set needs from the code."""
+    channels: int          # input channels of the first conv (1: grayscale, no copy x 3)
+    mean: tuple            # per-channel normalisation
+    std: tuple
+    centre_crop: bool      # evaluation view: resize to 256/224 of the size and centre-crop (ImageNet), or resize
+    img_size: int          # default evaluation size of an exported backbone (a checkpoint carries its own)
+    raw_size: int          # side of the raw-pixel baseline (evaluate.py --raw-size overrides it)
+    thumb: int             # side of an image in the report's grids
 
 
+SPECS = {
+    # 28 x 28 grayscale; mean / std of the train split
+    "fashion-mnist": Spec(1, (0.2860,), (0.3530,), False, 16, 28, 28),
+    "folder": Spec(3, IMAGENET_MEAN, IMAGENET_STD, True, 224, 32, 64),
+    "imagenet": Spec(3, IMAGENET_MEAN, IMAGENET_STD, True, 224, 32, 64),
+}
+NAMES = list(SPECS)
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
 def _read_idx(path):
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
@@ -56,23 +79,21 @@ class FashionMNIST(torch.utils.data.Dataset):
 
     def __init__(self, root, train=True, transform=None, download=False):
         split = "train" if train else "t10k"
-        roots = [root] if root else [DEBIAN_FASHION_MNIST]
-        img_path = lbl_path = None
-        for r in roots:
-            img_path = _find_idx(r, f"{split}-images-idx3-ubyte")
-            lbl_path = _find_idx(r, f"{split}-labels-idx1-ubyte")
-            if img_path and lbl_path:
-                break
+        root = root or DEBIAN_FASHION_MNIST
+        img_path = _find_idx(root, f"{split}-images-idx3-ubyte")
+        lbl_path = _find_idx(root, f"{split}-labels-idx1-ubyte")
         if not (img_path and lbl_path) and download:
             # online users: torchvision fetches the same idx files into root
-            target = root or "./data"
+            target = root if root != DEBIAN_FASHION_MNIST else "./data"
             datasets.FashionMNIST(target, train=train, download=True)
             img_path = _find_idx(target, f"{split}-images-idx3-ubyte")
             lbl_path = _find_idx(target, f"{split}-labels-idx1-ubyte")
         if not (img_path and lbl_path):
-            where = root or DEBIAN_FASHION_MNIST
-            raise DataError(f"no Fashion-MNIST {split} idx files in {where}: run "
-                            "`apt-get install dataset-fashion-mnist`, pass --data-dir, or add --download when online")
+            if all(os.path.isdir(os.path.join(root, s)) for s in ("train", "val")):
+                raise UserError(f"{root} holds train/ and val/ folders, not Fashion-MNIST's idx files: "
+                                "add --data folder to read it as an image folder")
+            raise UserError(f"no Fashion-MNIST {split} idx files in {root}: run `apt-get install "
+                            "dataset-fashion-mnist`, pass --data-dir, or add --download when online")
         self.images = _read_idx(img_path)
         self.targets = torch.from_numpy(_read_idx(lbl_path).astype(np.int64))
         self.transform = transform
@@ -88,15 +109,35 @@ class FashionMNIST(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), int(self.targets[i]), i
 
 
+# ----------------------------------------------------------------------------- image folders
+def load_image(path):
+    """An image file as 8-bit RGB. PIL's convert("RGB") clips 16-bit and 32-bit integer
+    images at 255, which turns a 16-bit PNG into a near-binary image without a word: those
+    are scaled to 8 bits first (16-bit: / 257, so 65535 -> 255)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode.startswith("I"):        # I;16, I;16B, I;16L, I (32-bit int, how PIL may open a 16-bit PNG)
+        a = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if img.mode.startswith("I;16") or a.max() > 255 else 1.0
+        img = Image.fromarray(np.clip(np.round(a / scale), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":               # 32-bit float: taken to be in [0, 1]
+        img = Image.fromarray(np.clip(np.round(np.asarray(img) * 255), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 class ImageFolder(datasets.ImageFolder):
     """torchvision ImageFolder that also returns the index and names an unreadable file."""
+
+    def __init__(self, root, transform=None):
+        super().__init__(root, transform=transform, loader=load_image)
 
     def image(self, i):
         path = self.samples[i][0]
         try:
             return self.loader(path)
         except Exception as e:  # PIL raises several types; the user needs the file name
-            raise DataError(f"cannot read image {path}: {e}") from None
+            raise UserError(f"cannot read image {path}: {e}") from None
 
     def __getitem__(self, i):
         img = self.image(i)
@@ -104,28 +145,36 @@ class ImageFolder(datasets.ImageFolder):
 
 
 def load_dataset(name, data_dir, split, transform=None, download=False):
-    """The dataset `name` ('fashion-mnist', 'folder' or 'imagenet'), split 'train' or 'val'."""
+    """The dataset `name` (a key of SPECS), split 'train' or 'val'."""
+    if name not in SPECS:
+        raise UserError(f"unknown --data {name!r}: {', '.join(NAMES)}")
+    if data_dir and not os.path.isdir(data_dir):
+        raise UserError(f"--data-dir {data_dir} does not exist")
     if name == "fashion-mnist":
-        if data_dir and not os.path.isdir(data_dir):
-            raise DataError(f"--data-dir {data_dir} does not exist")
         return FashionMNIST(data_dir, train=(split == "train"), transform=transform, download=download)
-    if name in ("folder", "imagenet"):
-        if not data_dir:
-            raise DataError(f"--data {name} needs --data-dir pointing at a folder with train/ and val/")
-        root = os.path.join(data_dir, split)
-        if not os.path.isdir(root):
-            raise DataError(f"{root} does not exist: --data-dir must hold train/ and val/ sub-folders, one folder per class")
-        try:
-            return ImageFolder(root, transform=transform)
-        except (FileNotFoundError, RuntimeError) as e:  # torchvision: no class folders / no images
-            raise DataError(f"{root} holds no images in class sub-folders ({e})") from None
-    raise DataError(f"unknown --data {name!r}: fashion-mnist, folder or imagenet")
+    if not data_dir:
+        raise UserError(f"--data {name} needs --data-dir pointing at a folder with train/ and val/")
+    root = os.path.join(data_dir, split)
+    if not os.path.isdir(root):
+        raise UserError(f"{root} does not exist: --data-dir must hold train/ and val/ sub-folders, one folder per class")
+    try:
+        return ImageFolder(root, transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:  # torchvision: no class folders / no images
+        raise UserError(f"{root} holds no images in class sub-folders ({e})") from None
 
 
-def in_channels(name):
-    return 1 if name == "fashion-mnist" else 3
+def check_same_classes(train_set, val_set):
+    """The val split must name its classes as train does: ImageFolder numbers the classes of
+    each folder by sorted name, so a class missing from one split would shift every label
+    after it and score one class as another without a word."""
+    a, b = getattr(train_set, "classes", None), getattr(val_set, "classes", None)
+    if a is not None and b is not None and list(a) != list(b):
+        only_train, only_val = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        raise UserError(f"train/ and val/ have different class folders (only in train/: {only_train[:3]}, "
+                        f"only in val/: {only_val[:3]}): give both splits the same class sub-folders")
 
 
+# ----------------------------------------------------------------------------- transforms
 class Solarize:
     def __call__(self, img):
         return ImageOps.solarize(img)
@@ -149,9 +198,8 @@ class GaussianBlur:
 
 
 def normalize(name):
-    """Per-channel normalisation: Fashion-MNIST's own statistics, ImageNet's elsewhere."""
-    mean, std = (FMNIST_MEAN, FMNIST_STD) if name == "fashion-mnist" else (IMAGENET_MEAN, IMAGENET_STD)
-    return T.Normalize(mean, std)
+    """Per-channel normalisation of a data set, as a torchvision transform of a float image."""
+    return T.Normalize(SPECS[name].mean, SPECS[name].std)
 
 
 def to_input(x, name, device):
@@ -162,9 +210,9 @@ def to_input(x, name, device):
     The loader's workers send uint8, a quarter of float32: at ImageNet scale a batch of 512
     images x 2 views x 3 x 224 x 224 is 154 MB instead of 616 MB, and with 10 workers
     prefetching 2 batches each that is 3 GB of shared memory per process instead of 12."""
-    mean, std = (FMNIST_MEAN, FMNIST_STD) if name == "fashion-mnist" else (IMAGENET_MEAN, IMAGENET_STD)
+    spec = SPECS[name]
     x = x.to(device, non_blocking=True).to(torch.get_default_dtype()).div(255)
-    x = x.sub_(torch.tensor(mean, device=device)[:, None, None]).div_(torch.tensor(std, device=device)[:, None, None])
+    x = x.sub_(torch.tensor(spec.mean, device=device)[:, None, None]).div_(torch.tensor(spec.std, device=device)[:, None, None])
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
@@ -199,11 +247,20 @@ def eval_transform(name, size):
     """Deterministic: the feature pass of every epoch and all evaluation use it. ImageNet:
     resize to 256/224 of the size, centre crop; small images: resize to the training size.
     uint8 out, like the training views (to_input() normalises on the device)."""
-    if name == "fashion-mnist":
+    if not SPECS[name].centre_crop:
         return T.Compose([T.Resize(size), T.PILToTensor()])
     return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.PILToTensor()])
 
 
+def raw_transform(name, size=None):
+    """Raw pixels in uint8, no normalisation: the baselines' input. Fashion-MNIST at its
+    native 28 x 28; folders as a centre crop of size x size (a quarter of float32's memory:
+    ImageNet's 1.28M images at 32 px are 3.9 GB)."""
+    size = size or SPECS[name].raw_size
+    return T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
+
+
+# ----------------------------------------------------------------------------- batches and subsets
 def feature_batches(n, batch_size, rank=0, world_size=1, seed=0):
     """Batches of sample positions 0..n-1 for a feature pass, this rank's share.
 

@@ -1,16 +1,15 @@
 """
-Evaluation of SiamMM (arXiv 2511.05462): what the paper measures (SPEC section 4), on
-Fashion-MNIST or any ImageFolder data set, on a CPU or a GPU, in one run.
+Evaluation of SiamMM (arXiv 2511.05462): what the paper measures, on Fashion-MNIST or any
+ImageFolder data set, on a CPU or a GPU, in one run.
 
-    representation  weighted kNN on frozen backbone features (DINO protocol) and a linear
-                    probe on the frozen backbone (MoCo v3 protocol), train split -> test
-                    split; optional semi-supervised fine-tuning on 1% / 10% of the labels
-                    (Table 2)
+    representation  weighted kNN on frozen backbone features (DINO protocol) and a quick
+                    linear probe on cached frozen features, train split -> test split;
+                    optional semi-supervised fine-tuning on 1% / 10% of the labels (Table 2)
     clusters        AMI, NMI, ARI and majority-label accuracy of the learned clusters
                     (Table 3); Hungarian accuracy of k-means with K = number of classes
-    cluster report  K per epoch (Fig. 2), one image grid per cluster with a row per true
-                    class (Fig. 3), and suspected mislabels (sec. 6.8)
     floor           the same kNN and k-means on raw pixels, on the same split
+    cluster report  K per epoch (Fig. 2), image grids per cluster (Fig. 3), suspected
+                    mislabels (sec. 6.8): report.py
 
 A checkpoint of train.py carries everything (data, architecture, image size, the mixture):
     $ python evaluate.py --checkpoint runs/siammm/checkpoint.pth
@@ -25,24 +24,17 @@ An exported backbone (SiamMM.export_backbone) on ImageNet, with SimCLR's label s
 Everything goes to OUT_DIR (default: <folder of the checkpoint>/eval): results.json,
 k_per_epoch.png, clusters/cluster_*.png, mislabels.csv, mislabels.png; a summary table
 goes to stdout. The file reads top to bottom: config, loading, features, kNN, linear
-probe, fine-tuning, cluster metrics, cluster report, main.
+probe, fine-tuning, cluster metrics, main.
 """
 
 import argparse
 import copy
-import csv
-import hashlib
 import json
 import math
 import os
-import sys
 import time
 
 import faiss
-import matplotlib
-matplotlib.use("Agg")  # files only, no display: works on a headless server
-import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 import numpy as np
 import torch
 import torch.nn as nn
@@ -51,41 +43,26 @@ import torchvision.transforms as T
 from scipy.optimize import linear_sum_assignment
 from sklearn import metrics as skm
 from sklearn.cluster import KMeans
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 import data
+import report
+import utils
 from cluster import VMFMixture, flat_ip_index, knn_search
 from model import SiamMM, build_backbone, model_args
-from train import autocast  # bf16 on a GPU, exact fp32 on a CPU
-
-
-class EvalError(Exception):
-    """A problem with the user's input (a path, a flag): printed as one line, no traceback."""
+from utils import UserError, autocast
 
 
 # ----------------------------------------------------------------------------- config
-def fail(msg):
-    """One clear line for a person, no traceback, exit status 2 (as argparse does)."""
-    print(f"evaluate.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # argparse prints its whole usage block first; a person needs the one line
-        fail(f"{message} (see --help)")
-
-
 def get_args(argv=None):
-    p = Parser(prog="evaluate.py", description="Evaluate a SiamMM checkpoint or backbone",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = utils.ArgumentParser(prog="evaluate.py", description="Evaluate a SiamMM checkpoint or backbone",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a train.py checkpoint (model, mixture and the training flags)")
     src.add_argument("--backbone", help="an exported backbone state_dict (SiamMM.export_backbone); "
                      "give --arch, --data, --img-size (small stem and channels are read from its conv1)")
     # data and model: unset flags are read from the checkpoint's training flags
-    p.add_argument("--data", choices=["fashion-mnist", "folder", "imagenet"], help="default: the checkpoint's, else fashion-mnist")
+    p.add_argument("--data", choices=data.NAMES, help="default: the checkpoint's, else fashion-mnist")
     p.add_argument("--data-dir", help="default: the checkpoint's (fashion-mnist: the Debian package's idx files)")
     p.add_argument("--download", action="store_true", help="fashion-mnist: download with torchvision if missing (needs internet)")
     p.add_argument("--img-size", type=int, help="evaluation image size; default: the training size (16 for "
@@ -125,8 +102,8 @@ def get_args(argv=None):
     p.add_argument("--mislabel-show", type=int, default=48, help="suspected mislabels drawn in mislabels.png")
     p.add_argument("--kmeans-redo", type=int, default=5, help="k-means restarts (the best objective is kept)")
     p.add_argument("--no-raw", action="store_true", help="skip the raw-pixel kNN and k-means")
-    p.add_argument("--raw-size", type=int, default=32, help="folders: raw pixels of a centre crop of this size "
-                   "(fashion-mnist always uses its native 28 x 28)")
+    p.add_argument("--raw-size", type=int, help="side of the raw-pixel baseline's centre crop (default: the data "
+                   "set's, 28 for fashion-mnist, 32 for folders)")
     # run
     p.add_argument("--out-dir", help="default: <checkpoint or backbone folder>/eval")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -152,10 +129,8 @@ def get_args(argv=None):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0")
     for flag in ("batch_size", "probe_batch_size", "semi_batch_size", "grid_cols", "kmeans_redo", "raw_size"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
-        p.error(f"--device {args.device!r}: auto, cpu or cuda")
     return args
 
 
@@ -167,26 +142,22 @@ def load_checkpoint(args):
     data settings come from it unless a flag overrides them (the data may have moved)."""
     path = args.checkpoint
     if not os.path.isfile(path):
-        raise EvalError(f"--checkpoint {path}: no such file (train.py writes OUT_DIR/checkpoint.pth)")
-    try:
-        # weights_only=False: train.py's checkpoint also holds RNG states (numpy arrays)
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise EvalError(f"cannot read checkpoint {path}: {e}") from None
+        raise UserError(f"--checkpoint {path}: no such file (train.py writes OUT_DIR/checkpoint.pth)")
+    ckpt = utils.load_checkpoint_file(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
-        raise EvalError(f"{path} is not a train.py checkpoint (no 'model' and 'args'); "
+        raise UserError(f"{path} is not a train.py checkpoint (no 'model' and 'args'); "
                         "for an exported backbone use --backbone")
     targs = ckpt["args"]
     args.data = args.data or targs["data"]
     args.data_dir = targs.get("data_dir", "") if args.data_dir is None else args.data_dir
     args.img_size = args.img_size or targs["img_size"]
     if args.arch and args.arch != targs["arch"]:
-        raise EvalError(f"--arch {args.arch} differs from the checkpoint's {targs['arch']}: drop --arch")
+        raise UserError(f"--arch {args.arch} differs from the checkpoint's {targs['arch']}: drop --arch")
     args.arch, args.small_stem = targs["arch"], targs["small_stem"]
-    in_chans = data.in_channels(targs["data"])
-    if data.in_channels(args.data) != in_chans:
-        raise EvalError(f"the checkpoint was trained on {targs['data']} ({in_chans} channels); "
-                        f"--data {args.data} has {data.in_channels(args.data)}")
+    in_chans = data.SPECS[targs["data"]].channels
+    if data.SPECS[args.data].channels != in_chans:
+        raise UserError(f"the checkpoint was trained on {targs['data']} ({in_chans} channels); "
+                        f"--data {args.data} has {data.SPECS[args.data].channels}")
     shape = model_args(targs)
     args.width = shape["width"]
     model = SiamMM(in_chans=in_chans, **shape)
@@ -197,11 +168,11 @@ def load_checkpoint(args):
     try:
         missing, _ = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:   # shapes differ
-        raise EvalError(f"{path} does not fit the model its flags describe: "
+        raise UserError(f"{path} does not fit the model its flags describe: "
                         + next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])) from None
     missing = [k for k in missing if k.startswith(used)]
     if missing:
-        raise EvalError(f"{path} lacks {len(missing)} tensors of the backbone / momentum encoder (e.g. {missing[0]})")
+        raise UserError(f"{path} lacks {len(missing)} tensors of the backbone / momentum encoder (e.g. {missing[0]})")
     mixture = None
     if ckpt.get("mixture") is not None:
         mixture = VMFMixture(targs["dim"], ckpt["mixture"]["centroids"].shape[0])
@@ -217,26 +188,26 @@ def load_backbone(args):
     a wrong one fails to load."""
     path = args.backbone
     if not os.path.isfile(path):
-        raise EvalError(f"--backbone {path}: no such file")
+        raise UserError(f"--backbone {path}: no such file")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise EvalError(f"cannot read backbone {path}: {e}") from None
+        raise UserError(f"cannot read backbone {path}: {e}") from None
     if not isinstance(sd, dict) or "conv1.weight" not in sd:
         hint = " (a train.py checkpoint: use --checkpoint)" if isinstance(sd, dict) and "model" in sd else ""
-        raise EvalError(f"{path} is not a ResNet backbone state_dict (no conv1.weight){hint}")
+        raise UserError(f"{path} is not a ResNet backbone state_dict (no conv1.weight){hint}")
     args.data = args.data or "fashion-mnist"
     args.data_dir = args.data_dir or ""
-    args.img_size = args.img_size or (16 if args.data == "fashion-mnist" else 224)
+    args.img_size = args.img_size or data.SPECS[args.data].img_size
     args.arch = args.arch or "resnet18"
     args.small_stem = sd["conv1.weight"].shape[-1] == 3
     args.width, in_chans = sd["conv1.weight"].shape[:2]
-    if in_chans != data.in_channels(args.data):
-        raise EvalError(f"the backbone takes {in_chans}-channel images; --data {args.data} has {data.in_channels(args.data)}")
+    if in_chans != data.SPECS[args.data].channels:
+        raise UserError(f"the backbone takes {in_chans}-channel images; --data {args.data} has {data.SPECS[args.data].channels}")
     try:
         net, dim = build_backbone(args.arch, args.small_stem, in_chans, args.width)
     except ValueError as e:
-        raise EvalError(str(e)) from None
+        raise UserError(str(e)) from None
     try:   # every key must match (fc is an Identity, so the exported backbone has no fc.*)
         missing, unexpected = net.load_state_dict(sd, strict=False)
         problem = (f"{len(missing)} missing tensors (e.g. {missing[0]})" if missing else
@@ -244,21 +215,8 @@ def load_backbone(args):
     except RuntimeError as e:   # shapes differ
         problem = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
     if problem:
-        raise EvalError(f"the weights in {path} do not fit --arch {args.arch}: {problem}")
+        raise UserError(f"the weights in {path} do not fit --arch {args.arch}: {problem}")
     return net.eval(), dim
-
-
-def state_digest(module):
-    """SHA-256 of every tensor of the state_dict, buffers included (BN running statistics):
-    MoCo v3's main_lincls sanity_check, which asserts after the probe that the frozen
-    backbone is bit-identical to the pre-trained one. Returns {key: digest}."""
-    return {k: hashlib.sha256(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-            for k, v in module.state_dict().items()}
-
-
-def changed_keys(module, digest):
-    now = state_digest(module)
-    return [k for k in digest if now.get(k) != digest[k]]
 
 
 # ----------------------------------------------------------------------------- features
@@ -293,14 +251,6 @@ def extract_features(loader, name, backbone, embed=None, device=torch.device("cp
     return feats, embs, labels
 
 
-def raw_transform(name, size):
-    """Raw pixels scaled to [0, 1], no normalisation (the floor of baselines.md): Fashion-MNIST
-    at its native 28 x 28; folders as a centre crop of size x size."""
-    if name == "fashion-mnist":
-        return T.ToTensor()
-    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
-
-
 @torch.no_grad()
 def raw_pixels(loader, desc="raw pixels"):
     """Every image's pixels as one flat row, in the data set's order."""
@@ -308,7 +258,7 @@ def raw_pixels(loader, desc="raw pixels"):
     for x, _, idx in tqdm(loader, desc=desc, leave=False):
         if rows is None:
             rows = torch.zeros(len(loader.dataset), x[0].numel())
-        rows[idx] = x.flatten(1)
+        rows[idx] = x.flatten(1).float().div(255)   # uint8 -> [0, 1], as ToTensor
     return rows
 
 
@@ -414,30 +364,20 @@ def balanced_subset(labels, percent, seed=0):
     return np.sort(np.concatenate(chosen))
 
 
-def sample_paths(ds):
-    """The file path of every sample (ImageFolder, possibly inside data.subset), or None."""
-    if hasattr(ds, "samples"):
-        return [p for p, _ in ds.samples]
-    if isinstance(ds, data.IndexedSubset):
-        inner = sample_paths(ds.ds)
-        return None if inner is None else [inner[int(i)] for i in ds.idx]
-    return None
-
-
 def split_file_subset(ds, path):
     """SimCLR's ImageNet label splits (1percent.txt, 10percent.txt): one file name a line,
     e.g. n01440764_10026.JPEG. Matched to the data set's files by base name."""
-    paths = sample_paths(ds)
+    paths = report.sample_paths(ds)
     if paths is None:
-        raise EvalError(f"--semi-split-file needs an image folder data set (--data folder/imagenet), not {type(ds).__name__}")
+        raise UserError(f"--semi-split-file needs an image folder data set (--data folder/imagenet), not {type(ds).__name__}")
     if not os.path.isfile(path):
-        raise EvalError(f"--semi-split-file {path}: no such file")
+        raise UserError(f"--semi-split-file {path}: no such file")
     pos = {os.path.basename(p): i for i, p in enumerate(paths)}
     with open(path) as f:
         names = [os.path.basename(line.strip()) for line in f if line.strip()]
     missing = [n for n in names if n not in pos]
     if missing:
-        raise EvalError(f"{len(missing)} of {len(names)} files of {path} are not in the train split "
+        raise UserError(f"{len(missing)} of {len(names)} files of {path} are not in the train split "
                         f"(first: {missing[0]}); use the full train split (no --train-subset)")
     return np.array(sorted(pos[n] for n in names), dtype=np.int64)
 
@@ -518,9 +458,9 @@ def cluster_metrics(labels, clusters):
 
 
 def spherical_kmeans(feats, k, seed=0, niter=50, nredo=5, device=None):
-    """k-means on the unit sphere (cosine, as the model is trained: STYLE.md lists k-means
-    on unnormalised features as a common mistake) with Faiss, best of nredo seeded runs,
-    on all points (no subsampling). Returns (assignments, K x D centroids)."""
+    """k-means on the unit sphere (cosine, the geometry the model is trained in; Euclidean
+    k-means on unnormalised features would weigh each image by its norm) with Faiss, best
+    of nredo seeded runs, on all points (no subsampling). Returns (assignments, K x D centroids)."""
     x = np.ascontiguousarray(F.normalize(torch.as_tensor(feats).float(), dim=1).numpy())
     km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, spherical=True, seed=seed,
                       max_points_per_centroid=max(256, x.shape[0]), verbose=False)
@@ -531,8 +471,8 @@ def spherical_kmeans(feats, k, seed=0, niter=50, nredo=5, device=None):
 
 
 def pixel_kmeans(pixels, k, seed=0, n_init=10):
-    """The raw-pixel floor exactly as baselines.md measured it: scikit-learn's (Euclidean)
-    KMeans on pixels in [0, 1], n_init = 10, seeded."""
+    """The raw-pixel floor as the clustering literature reports it (DEC and its successors):
+    scikit-learn's (Euclidean) KMeans on pixels in [0, 1], n_init = 10, seeded."""
     return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(np.asarray(pixels, dtype=np.float32))
 
 
@@ -545,186 +485,6 @@ def assign_clusters(z, centroids, device=None):
     sims, ids = knn_search(z, F.normalize(torch.as_tensor(centroids).float(), dim=1).numpy(), k, device)
     margin = sims[:, 0] - sims[:, 1] if k == 2 else sims[:, 0].copy()
     return ids[:, 0].astype(np.int64), sims[:, 0].astype(np.float32), margin.astype(np.float32)
-
-
-# ----------------------------------------------------------------------------- cluster report
-def cluster_label_votes(labels, clusters):
-    """The learned clusters' vote on every label (sec. 6.8): each image's cluster is its
-    classifier p(label | cluster), the label counts of the cluster. Returns (the majority
-    label of each image's cluster, the share of the image's own label in its cluster)."""
-    labels, clusters = np.asarray(labels), np.asarray(clusters)
-    _, cl = np.unique(clusters, return_inverse=True)
-    classes, lab = np.unique(labels, return_inverse=True)
-    counts = skm.cluster.contingency_matrix(lab, cl).T      # clusters x classes, as majority_accuracy's
-    return classes[counts.argmax(1)][cl], counts[cl, lab] / counts.sum(1)[cl]
-
-
-def knn_label_votes(feats, labels, k=20, T=0.07, num_classes=None, device=None):
-    """The kNN vote on every label: each image's k nearest other images of the same split
-    (cosine, Faiss search) vote exp(cos / T) for their labels, as in knn_classify. No image
-    votes for itself (leave-one-out: an out-of-sample classifier, as confident learning
-    asks). Returns (the label with the most votes, the share of the image's own label in
-    its votes)."""
-    x = F.normalize(torch.as_tensor(feats).float(), dim=1).numpy()
-    labels = np.asarray(labels)
-    n, C = len(labels), num_classes or int(labels.max()) + 1
-    k = min(k, n - 1)
-    sims, ids = knn_search(x, x, k + 1, device)
-    own = ids == np.arange(n)[:, None]
-    own[~own.any(1), -1] = True          # self crowded out by exact duplicates: drop the farthest instead
-    sims, ids = sims[~own].reshape(n, k), ids[~own].reshape(n, k)
-    w = torch.from_numpy(np.exp((sims.astype(np.float64) - 1) / T))   # exp(cos / T), rescaled: no overflow
-    nbr, own_label = torch.from_numpy(labels[ids]).long(), torch.from_numpy(labels).long()
-    suggested, share = [], []
-    step = max(1, 2 ** 24 // C)          # rows x classes of votes at a time (ImageNet: 1.28M x 1000)
-    for s in range(0, n, step):
-        v = torch.zeros(len(w[s:s + step]), C, dtype=torch.float64).scatter_add_(1, nbr[s:s + step], w[s:s + step])
-        suggested.append(v.argmax(1))
-        share.append(v.gather(1, own_label[s:s + step, None])[:, 0] / v.sum(1))
-    return torch.cat(suggested).numpy(), torch.cat(share).numpy()
-
-
-def mislabel_ranking(labels, suggested, share, confidence):
-    """Suspected mislabels (sec. 6.8; the paper cites confident learning, Northcutt et al.
-    2021): images whose label is not the one their neighbourhood votes for, the learned
-    cluster (cluster_label_votes) or the k nearest images (knn_label_votes).
-
-    Ranking: confident learning's "self-confidence", the share of an image's own label in
-    its votes, rarest first; among equal shares (same cluster, same label) the most
-    confidently assigned image comes first. A trouser label among sneakers (share ~0)
-    outranks a shirt among T-shirts that hold 30% shirts, which is a confusion of two
-    look-alike classes, not a labelling error. (With raw-pixel k-means clusters on a 2,000-
-    image subset with 2% of the labels flipped, this order put 65-85% of the flips in the
-    top 2 x (number flipped); the assignment confidence alone, 10-35%.)
-    Which votes (`--mislabel-votes`; bench/bench_mislabels.py, RESULTS.md "The mislabel
-    report"): with 2% of Fashion-MNIST's train labels flipped, on a 48-epoch checkpoint
-    whose mixture ended at K = 6, the clusters flag 40,053 of 60,000 images and rank 67% of
-    the flips in the top 2 x (number flipped); the 20 nearest images flag 11,128 and rank
-    91% there. A cluster is a fine neighbourhood only while K is far above the number of
-    classes; once merging brings K near it (Fig. 2), each cluster mixes look-alike classes
-    and its majority outvotes many correct labels. So kNN is the default vote.
-    Returns the indices of the suspects, best first."""
-    labels, suggested = np.asarray(labels), np.asarray(suggested)
-    share, confidence = np.asarray(share, dtype=np.float64), np.asarray(confidence, dtype=np.float64)
-    suspects = np.flatnonzero(labels != suggested)
-    return suspects[np.lexsort((-confidence[suspects], share[suspects]))]   # last key sorts first
-
-
-def read_k_history(run_dir, mixture=None):
-    """K after every epoch, for Fig. 2: from the run's log.jsonl (one JSON line per epoch,
-    the last line for an epoch wins after a resume; a half-written line is skipped), else
-    from the mixture's k_history. Returns (epochs, Ks) lists (empty when unknown)."""
-    path = os.path.join(run_dir, "log.jsonl") if run_dir else ""
-    by_epoch = {}
-    if path and os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and "K" in rec and "epoch" in rec:
-                    by_epoch[int(rec["epoch"])] = int(rec["K"])
-    if not by_epoch and mixture is not None and mixture.k_history:
-        by_epoch = {i + 1: int(k) for i, k in enumerate(mixture.k_history)}
-    epochs = sorted(by_epoch)
-    return epochs, [by_epoch[e] for e in epochs]
-
-
-def plot_k_history(epochs, ks, path, k0=None, num_classes=None):
-    """Fig. 2: the number of clusters K per epoch, falling by merging (eq. 11) from K0 towards
-    the number of true classes (dashed line). Log scale when K spans a decade or more."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if k0:
-        epochs, ks = [0] + list(epochs), [k0] + list(ks)
-    ax.plot(epochs, ks, marker="o", ms=3, label="K (learned clusters)")
-    if num_classes:
-        ax.axhline(num_classes, ls="--", c="gray", label=f"true classes ({num_classes})")
-    if ks and max(ks) >= 10 * max(min(ks), 1):
-        ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("number of clusters K")
-    ax.set_title("K per epoch (merging, eq. 11; emptied clusters drop too)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def thumbnail(ds, i, size):
-    """Image i of a data set as a size x size RGB tensor in [0, 1], for the grids."""
-    img = ds.image(int(i)).convert("RGB")
-    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])(img)
-
-
-def class_name(classes, c):
-    return classes[c] if classes is not None and 0 <= c < len(classes) else str(c)
-
-
-def cluster_grid(ds, members, labels, confidence, classes, path, title, cols=12, max_rows=10, size=32):
-    """Fig. 3: one cluster's images, one row per true class (most frequent class first, up
-    to max_rows), each row its most confidently assigned images first. torchvision's
-    make_grid lays the images out; matplotlib writes the class names and counts beside
-    the rows."""
-    row_classes, counts = np.unique(labels[members], return_counts=True)
-    order = np.argsort(-counts, kind="stable")[:max_rows]
-    blank = torch.ones(3, size, size)
-    tiles, names = [], []
-    for c, n in zip(row_classes[order], counts[order]):
-        m = members[labels[members] == c]
-        m = m[np.argsort(-confidence[m], kind="stable")][:cols]
-        tiles += [thumbnail(ds, i, size) for i in m] + [blank] * (cols - len(m))
-        names.append(f"{class_name(classes, int(c))} ({n})")
-    pad = 2
-    grid = make_grid(torch.stack(tiles), nrow=cols, padding=pad, pad_value=1.0)
-    h, w = grid.shape[1:]
-    fig, ax = plt.subplots(figsize=(2.0 + w / 40, 0.6 + h / 40))
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_yticks([pad + r * (size + pad) + size / 2 for r in range(len(names))], names, fontsize=8)
-    ax.set_xticks([])
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def mislabel_grid(ds, order, labels, suggested, classes, path, votes="knn", show=48, cols=8, size=32):
-    """The top suspected mislabels, each titled with its rank, its label and the label its
-    votes suggest ("given -> suggested")."""
-    order = order[:show]
-    rows = max(1, math.ceil(len(order) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.5), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    if len(order) == 0:
-        axes[0, 0].text(0, 0.5, "no suspected mislabels", fontsize=10)
-    for r, (ax, i) in enumerate(zip(axes.flat, order)):
-        ax.imshow(thumbnail(ds, i, size).permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(f"#{r + 1} {class_name(classes, int(labels[i]))}\n-> {class_name(classes, int(suggested[i]))}", fontsize=6)
-    by = "its nearest images" if votes == "knn" else "the majority of its cluster"
-    fig.suptitle(f"suspected mislabels: given label -> label of {by}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_mislabels_csv(path, order, labels, suggested, share, clusters, cos, margin, classes, paths=None,
-                        dataset_index=None):
-    """Every suspect, best first: rank, index in the evaluated split, index in the full
-    split (differs with --train-subset), file (folders), label, the label its votes suggest,
-    the own label's share of the votes, score = 1 - share, and its learned cluster with the
-    cosine and margin of that assignment."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["rank", "index", "dataset_index", "file", "label", "label_name", "suggested", "suggested_name",
-                    "label_share", "score", "cluster", "cosine", "margin"])
-        for r, i in enumerate(order):
-            w.writerow([r + 1, int(i), int(dataset_index[i]) if dataset_index is not None else int(i),
-                        paths[i] if paths else "", int(labels[i]), class_name(classes, int(labels[i])),
-                        int(suggested[i]), class_name(classes, int(suggested[i])), f"{share[i]:.4f}",
-                        f"{1 - share[i]:.4f}", int(clusters[i]), f"{cos[i]:.4f}", f"{margin[i]:.4f}"])
 
 
 # ----------------------------------------------------------------------------- summary
@@ -774,33 +534,100 @@ def loader_for(ds, args, device):
                                        num_workers=args.workers, pin_memory=device.type == "cuda")
 
 
-def evaluate(args):
-    t_start = time.time()
-    times = {}
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError("--device cuda, but torch sees no GPU: use --device cpu")
-
-    # ---- the model: a full checkpoint (backbone, momentum encoder, mixture) or a backbone
-    mixture, train_args, run_dir = None, {}, None
+def load_model(args, device):
+    """The backbone to measure, the embedding the mixture was fit on (or None) and the
+    mixture (or None), from --checkpoint or --backbone."""
     if args.checkpoint:
         model, mixture, train_args = load_checkpoint(args)
         model = model.to(device)
         backbone = model.backbone if args.encoder == "online" else model.momentum_backbone
         # the embedding exactly as train.py's feature pass made it (BN statistics included)
         feature_bn = train_args.get("feature_bn", "running")   # checkpoints older than the flag: running
-        feat_dim, embed = model.feat_dim, lambda x: model.embed(x, feature_bn)
-        run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
-    else:
-        if args.encoder != "online":
-            raise EvalError("--encoder momentum needs a --checkpoint (an exported backbone is the online one)")
-        backbone, feat_dim = load_backbone(args)
-        backbone, embed = backbone.to(device), None
+        return backbone, model.feat_dim, (lambda x: model.embed(x, feature_bn)), mixture, train_args
+    if args.encoder != "online":
+        raise UserError("--encoder momentum needs a --checkpoint (an exported backbone is the online one)")
+    backbone, feat_dim = load_backbone(args)
+    return backbone.to(device), feat_dim, None, None, {}
+
+
+def representation(feats, num_classes, args, device, times):
+    """Weighted kNN (DINO) and the quick linear probe on cached features, train -> test."""
+    (ftr, _, ytr), (fte, _, yte) = feats["train"], feats["test"]
+    t0 = time.time()
+    preds = knn_classify(ftr, ytr, fte, args.knn_k, args.knn_t, num_classes, device=device)
+    knn = {"T": args.knn_t, "top1": {str(k): topk_accuracy(p, yte, 1) for k, p in preds.items()},
+           "top5": {str(k): topk_accuracy(p, yte, 5) for k, p in preds.items()}}
+    times["knn"] = time.time() - t0
+    probe = None
+    if args.probe_epochs:
+        t0 = time.time()
+        probe, _ = linear_probe(ftr, ytr, fte, yte, num_classes, args.probe_epochs, args.probe_lr,
+                                args.probe_batch_size, args.seed, device)
+        probe |= {"epochs": args.probe_epochs, "lr": args.probe_lr, "batch_size": args.probe_batch_size}
+        times["linear_probe"] = time.time() - t0
+    return knn, probe
+
+
+def clusters(feats, mixture, num_classes, args, device):
+    """Table 3 on --metrics-split: k-means with K = number of classes on the backbone
+    features (Hungarian accuracy), and the learned clusters: each image's momentum
+    embedding to its nearest centroid of the checkpoint's mixture."""
+    mfeat, memb, mlab = feats[args.metrics_split]
+    km_ids, _ = spherical_kmeans(mfeat, num_classes, args.seed, nredo=args.kmeans_redo, device=device)
+    kmeans = {"split": args.metrics_split, "method": "faiss spherical k-means on L2-normalised backbone features",
+              "redo": args.kmeans_redo} | cluster_metrics(mlab.numpy(), km_ids)
+    learned = None
+    if mixture is not None:
+        ids, _, _ = assign_clusters(memb, mixture.centroids, device)
+        learned = {"split": args.metrics_split, "K_mixture": int(mixture.centroids.shape[0])} | cluster_metrics(mlab.numpy(), ids)
+        if learned["K_mixture"] != num_classes:   # Hungarian accuracy only when K = number of classes
+            learned["hungarian_acc"] = None
+    return kmeans, learned
+
+
+def raw_baselines(feats, num_classes, args, device):
+    """The floor: the same kNN and k-means on raw pixels of the same images."""
+    rtf = data.raw_transform(args.data, args.raw_size)
+    rtr, rte = (raw_pixels(loader_for(data.subset(data.load_dataset(args.data, args.data_dir, split, rtf), n, args.seed),
+                                      args, device), f"raw pixels {name}")
+                for name, split, n in (("train", "train", args.train_subset), ("test", "val", args.test_subset)))
+    ytr, yte, mlab = feats["train"][2], feats["test"][2], feats[args.metrics_split][2]
+    rpreds = knn_classify(rtr, ytr, rte, args.knn_k, args.knn_t, num_classes, device=device)
+    rsplit = rtr if args.metrics_split == "train" else rte
+    return {"knn_top1": {str(k): topk_accuracy(p, yte, 1) for k, p in rpreds.items()},
+            "kmeans": {"split": args.metrics_split, "method": "scikit-learn KMeans on pixels in [0, 1], n_init 10"}
+            | cluster_metrics(mlab.numpy(), pixel_kmeans(rsplit.numpy(), num_classes, args.seed))}
+
+
+def semi_supervised(backbone, feat_dim, train_set, test_set, ytr, num_classes, train_args, args, device):
+    """Table 2: fine-tune copies of the backbone on 1% / 10% of the labels (SimCLR)."""
+    semi = {}
+    crop_min = args.semi_crop_min or train_args.get("crop_min") or 0.08
+    aug = semi_transform(args.data, args.img_size, crop_min)
+    aug_train = data.subset(data.load_dataset(args.data, args.data_dir, "train", aug), args.train_subset, args.seed)
+    for n, pct in enumerate(args.semi):
+        idx = (split_file_subset(train_set, args.semi_split_file[n]) if args.semi_split_file
+               else balanced_subset(ytr.numpy(), pct, args.seed))
+        epochs_ft = args.semi_epochs or (60 if pct <= 1 else 30)
+        r = finetune(backbone, feat_dim, torch.utils.data.Subset(aug_train, idx), loader_for(test_set, args, device),
+                     args.data, num_classes, epochs_ft, args.semi_lr, args.semi_batch_size, args.seed, args.workers,
+                     device, desc=f"fine-tune {pct:g}%")
+        semi[f"{pct:g}"] = r | {"labels": int(len(idx)), "epochs": epochs_ft, "crop_min": crop_min,
+                                "split": args.semi_split_file[n] if args.semi_split_file else "class-balanced, seeded"}
+    return semi
+
+
+def evaluate(args):
+    t_start, times = time.time(), {}
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no GPU: use --device cpu")
+    backbone, feat_dim, embed, mixture, train_args = load_model(args, device)
     if device.type == "cuda":
         backbone = backbone.to(memory_format=torch.channels_last)
     source_path = args.checkpoint or args.backbone
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(source_path)), "eval")
-    digest = state_digest(backbone)     # MoCo v3's sanity check, compared at the end
+    digest = utils.state_digest(backbone)     # MoCo v3's sanity check, compared at the end
 
     # ---- data: the full train split -> the full test split unless subsets are asked for
     tf = data.eval_transform(args.data, args.img_size)
@@ -813,143 +640,61 @@ def evaluate(args):
 
     # ---- frozen features of both splits (and the momentum embeddings, for the clusters)
     t0 = time.time()
-    feats = {}
-    for name, ds in (("train", train_set), ("test", test_set)):
-        feats[name] = extract_features(loader_for(ds, args, device), args.data, backbone, embed, device,
-                                       desc=f"features {name}")
+    feats = {name: extract_features(loader_for(ds, args, device), args.data, backbone, embed, device, desc=f"features {name}")
+             for name, ds in (("train", train_set), ("test", test_set))}
     num_classes = len(classes) if classes else int(max(feats["train"][2].max(), feats["test"][2].max())) + 1
     times["features"] = time.time() - t0
-    (ftr, ztr, ytr), (fte, zte, yte) = feats["train"], feats["test"]
 
-    # ---- weighted kNN, DINO protocol
+    knn, probe = representation(feats, num_classes, args, device, times)
     t0 = time.time()
-    preds = knn_classify(ftr, ytr, fte, args.knn_k, args.knn_t, num_classes, device=device)
-    knn = {"T": args.knn_t, "top1": {str(k): topk_accuracy(p, yte, 1) for k, p in preds.items()},
-           "top5": {str(k): topk_accuracy(p, yte, 5) for k, p in preds.items()}}
-    times["knn"] = time.time() - t0
-
-    # ---- linear probe, MoCo v3 protocol, on the cached frozen features
-    probe = None
-    if args.probe_epochs:
-        t0 = time.time()
-        probe, _ = linear_probe(ftr, ytr, fte, yte, num_classes, args.probe_epochs, args.probe_lr,
-                                args.probe_batch_size, args.seed, device)
-        probe |= {"epochs": args.probe_epochs, "lr": args.probe_lr, "batch_size": args.probe_batch_size}
-        times["linear_probe"] = time.time() - t0
-
-    # ---- clusters: k-means with K = number of classes on the backbone features (Hungarian)
-    t0 = time.time()
-    mfeat, memb, mlab = feats[args.metrics_split]
-    km_ids, _ = spherical_kmeans(mfeat, num_classes, args.seed, nredo=args.kmeans_redo, device=device)
-    kmeans = {"split": args.metrics_split, "method": "faiss spherical k-means on L2-normalised backbone features",
-              "redo": args.kmeans_redo} | cluster_metrics(mlab.numpy(), km_ids)
-    # the learned clusters (Table 3): each image's momentum embedding -> nearest centroid
-    learned = None
-    if mixture is not None:
-        ids, _, _ = assign_clusters(memb, mixture.centroids, device)
-        learned = {"split": args.metrics_split, "K_mixture": int(mixture.centroids.shape[0])} | cluster_metrics(mlab.numpy(), ids)
-        if learned["K_mixture"] != num_classes:   # SPEC 4: Hungarian accuracy only when K = number of classes
-            learned["hungarian_acc"] = None
+    kmeans, learned = clusters(feats, mixture, num_classes, args, device)
     times["clusters"] = time.time() - t0
-
-    # ---- the raw-pixel floor, same splits
     raw = None
     if not args.no_raw:
         t0 = time.time()
-        rtf = raw_transform(args.data, args.raw_size)
-        rtr = raw_pixels(loader_for(data.subset(data.load_dataset(args.data, args.data_dir, "train", rtf),
-                                                args.train_subset, args.seed), args, device), "raw pixels train")
-        rte = raw_pixels(loader_for(data.subset(data.load_dataset(args.data, args.data_dir, "val", rtf),
-                                                args.test_subset, args.seed), args, device), "raw pixels test")
-        rpreds = knn_classify(rtr, ytr, rte, args.knn_k, args.knn_t, num_classes, device=device)
-        rsplit = rtr if args.metrics_split == "train" else rte
-        raw = {"knn_top1": {str(k): topk_accuracy(p, yte, 1) for k, p in rpreds.items()},
-               "kmeans": {"split": args.metrics_split, "method": "scikit-learn KMeans on pixels in [0, 1], n_init 10"}
-               | cluster_metrics(mlab.numpy(), pixel_kmeans(rsplit.numpy(), num_classes, args.seed))}
+        raw = raw_baselines(feats, num_classes, args, device)
         times["raw_pixels"] = time.time() - t0
 
-    # ---- the cluster report: K per epoch, grids, suspected mislabels
+    # ---- the cluster report (Fig. 2, Fig. 3, sec. 6.8): the checkpoint's mixture, else k-means
     t0 = time.time()
-    report = {"split": args.report_split}
-    epochs, ks = read_k_history(run_dir, mixture)
-    if ks:
-        report["k_per_epoch"] = os.path.join(out_dir, "k_per_epoch.png")
-        report["k_history"] = dict(zip(map(str, epochs), ks))
-        plot_k_history(epochs, ks, report["k_per_epoch"], train_args.get("num_clusters"), num_classes)
     rfeat, remb, rlab = feats[args.report_split]
     rds = train_set if args.report_split == "train" else test_set
     if mixture is not None:
-        rids, rcos, rmargin = assign_clusters(remb, mixture.centroids, device)
-        report["cluster_source"] = "the checkpoint's mixture (momentum embeddings -> nearest centroid)"
+        assignment = assign_clusters(remb, mixture.centroids, device)
+        source = "the checkpoint's mixture (momentum embeddings -> nearest centroid)"
     else:   # an exported backbone has no mixture: spherical k-means, K = classes, on its features
         _, cents = spherical_kmeans(rfeat, num_classes, args.seed, nredo=args.kmeans_redo, device=device)
-        rids, rcos, rmargin = assign_clusters(rfeat, cents, device)
-        report["cluster_source"] = f"spherical k-means (K = {num_classes}) on backbone features"
-    rlab = rlab.numpy()
-    conf = rcos if args.confidence == "cosine" else rmargin
-    if args.mislabel_votes == "knn":
-        suggested, share = knn_label_votes(rfeat, rlab, args.knn_k[0], args.knn_t, num_classes, device)
-        report["votes"] = f"the {args.knn_k[0]} nearest other {args.report_split} images (backbone features, weighted kNN)"
-    else:
-        suggested, share = cluster_label_votes(rlab, rids)
-        report["votes"] = "the image's cluster (its label counts)"
-    order = mislabel_ranking(rlab, suggested, share, conf)
-    thumb = 28 if args.data == "fashion-mnist" else 64
-    cids, sizes = np.unique(rids, return_counts=True)
-    report["cluster_grids"] = []
-    for rank, j in enumerate(tqdm(np.argsort(-sizes, kind="stable")[:args.grid_clusters], desc="cluster grids", leave=False)):
-        members = np.flatnonzero(rids == cids[j])
-        maj = int(np.bincount(rlab[members]).argmax())
-        purity = float(np.mean(rlab[members] == maj))
-        path = os.path.join(out_dir, "clusters", f"cluster_{rank + 1:03d}_id{int(cids[j])}.png")
-        cluster_grid(rds, members, rlab, conf, classes, path, size=thumb, cols=args.grid_cols,
-                     title=f"cluster {int(cids[j])}: {len(members)} images, majority {class_name(classes, maj)} "
-                           f"({purity:.0%}); rows = true class")
-        report["cluster_grids"].append(path)
-    report["mislabels_csv"] = os.path.join(out_dir, "mislabels.csv")
-    report["mislabels_png"] = os.path.join(out_dir, "mislabels.png")
-    report["num_suspects"] = int(len(order))
-    report["confidence"] = args.confidence
-    write_mislabels_csv(report["mislabels_csv"], order, rlab, suggested, share, rids, rcos, rmargin, classes,
-                        sample_paths(rds), rds.idx.numpy() if isinstance(rds, data.IndexedSubset) else None)
-    mislabel_grid(rds, order, rlab, suggested, classes, report["mislabels_png"], args.mislabel_votes,
-                  args.mislabel_show, size=thumb)
+        assignment = assign_clusters(rfeat, cents, device)
+        source = f"spherical k-means (K = {num_classes}) on backbone features"
+    run_dir = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else None
+    rep = report.cluster_report(out_dir, rds, rfeat, rlab.numpy(), classes, assignment, args, device,
+                                report.read_k_history(run_dir, mixture), train_args.get("num_clusters"))
+    rep["cluster_source"] = source
     times["report"] = time.time() - t0
 
-    # ---- semi-supervised fine-tuning (Table 2), on copies of the backbone
     semi = {}
     if args.semi:
         t0 = time.time()
-        crop_min = args.semi_crop_min or train_args.get("crop_min") or 0.08
-        aug = semi_transform(args.data, args.img_size, crop_min)
-        aug_train = data.subset(data.load_dataset(args.data, args.data_dir, "train", aug), args.train_subset, args.seed)
-        for n, pct in enumerate(args.semi):
-            idx = (split_file_subset(train_set, args.semi_split_file[n]) if args.semi_split_file
-                   else balanced_subset(ytr.numpy(), pct, args.seed))
-            epochs_ft = args.semi_epochs or (60 if pct <= 1 else 30)
-            r = finetune(backbone, feat_dim, torch.utils.data.Subset(aug_train, idx), loader_for(test_set, args, device),
-                         args.data, num_classes, epochs_ft, args.semi_lr, args.semi_batch_size, args.seed, args.workers, device,
-                         desc=f"fine-tune {pct:g}%")
-            semi[f"{pct:g}"] = r | {"labels": int(len(idx)), "epochs": epochs_ft,
-                                    "crop_min": crop_min,
-                                    "split": args.semi_split_file[n] if args.semi_split_file else "class-balanced, seeded"}
+        semi = semi_supervised(backbone, feat_dim, train_set, test_set, feats["train"][2], num_classes, train_args,
+                               args, device)
         times["semi"] = time.time() - t0
 
     # ---- MoCo v3's sanity check: the evaluated backbone is bit-identical to the loaded one
-    changed = changed_keys(backbone, digest)
+    changed = utils.changed_keys(backbone, digest)
     if changed:
         raise RuntimeError(f"the frozen backbone changed during evaluation ({len(changed)} tensors, e.g. {changed[0]})")
 
     times["total"] = time.time() - t_start
     res = {"source": {"checkpoint": args.checkpoint, "backbone": args.backbone, "epoch": train_args.get("epoch"),
-                      "arch": args.arch, "small_stem": args.small_stem, "width": args.width, "data": args.data, "img_size": args.img_size,
-                      "encoder": args.encoder, "train_subset_of_pretraining": train_args.get("subset")},
+                      "arch": args.arch, "small_stem": args.small_stem, "width": args.width, "data": args.data,
+                      "img_size": args.img_size, "encoder": args.encoder,
+                      "train_subset_of_pretraining": train_args.get("subset")},
            "split": {"train": len(train_set), "test": len(test_set), "train_subset": args.train_subset,
                      "test_subset": args.test_subset, "seed": args.seed, "num_classes": num_classes,
                      "note": f"kNN / probe / fine-tuning: train -> test; cluster metrics on {args.metrics_split}; "
                              f"report on {args.report_split}"},
            "device": str(device), "knn": knn, "linear_probe": probe, "semi": semi or None,
-           "learned_clusters": learned, "kmeans": kmeans, "raw_pixels": raw, "report": report,
+           "learned_clusters": learned, "kmeans": kmeans, "raw_pixels": raw, "report": rep,
            "backbone_unchanged": not changed, "time_s": {k: round(v, 2) for k, v in times.items()},
            "results_path": os.path.join(out_dir, "results.json")}
     with open(res["results_path"], "w") as f:
@@ -962,11 +707,8 @@ def main(argv=None):
     args = get_args(argv)
     try:
         return evaluate(args)
-    except (data.DataError, EvalError) as e:
-        # a DataError raised in a DataLoader worker arrives with the worker's traceback in
-        # its message: its last line is the message itself
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        fail(msg.removeprefix("data.DataError: ").removeprefix("DataError: "))
+    except UserError as e:
+        utils.fail("evaluate.py", e)
 
 
 if __name__ == "__main__":

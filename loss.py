@@ -1,8 +1,7 @@
 """
 Every loss of SiamMM, one function each, with the equation it implements.
 
-    instance_loss        eq. 1 / 12   D(q, sg(k)) = 2 - 2 q.k, symmetrised, no negatives
-    assignment_weights   eq. 8 / 10   w_ik over the s nearest centroids N_i (s = 1: hard)
+    instance_loss        eq. 1, 12    D(q, sg(k)) = 2 - 2 q.k, symmetrised, no negatives
     cluster_loss         eq. 9        -sum_k w_ik kappa_k mu_k.q_i   (vMF log-likelihood)
     siammm_loss          eq. 13       L_inst + lambda_c L_clus
   ablations (sec. 6, Tables 4 and 8):
@@ -13,7 +12,8 @@ Every loss of SiamMM, one function each, with the equation it implements.
 Conventions: q (B x D) are online predictions, unit norm, with gradient; k (B x D) are
 momentum targets, unit norm, no gradient; centroids mu (K x D) and concentrations kappa
 (K,) are fixed estimates of this epoch's mixture (they carry no gradient, eq. 9).
-nbr (B x s) are each sample's s nearest centroid ids, w (B x s) its eq. 10 weights.
+nbr (B x s) are each sample's s nearest centroid ids, w (B x s) its eq. 10 weights: the
+E-step's output (cluster.py computes both, once per epoch, from the momentum features).
 """
 
 import torch
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 
 def instance_loss(q1, q2, k1, k2):
-    """Eq. 12: 1/2 [D(q1, sg(k2)) + D(q2, sg(k1))] with D(a, b) = 2 - 2 a.b (eq. 1).
+    """Eq. 1, 12: 1/2 [D(q1, sg(k2)) + D(q2, sg(k1))] with D(a, b) = 2 - 2 a.b (eq. 1).
 
     For unit vectors 2 - 2 a.b = ||a - b||^2: BYOL's loss, with MoCo v3's momentum targets.
     """
@@ -54,22 +54,6 @@ def infonce_loss(q1, q2, k1, k2, temperature=1.0):
     return 0.5 * (ctr(q1, k2) + ctr(q2, k1))
 
 
-@torch.no_grad()
-def assignment_weights(z, centroids, kappa, nbr, tau, log_prior=None):
-    """Eq. 10: w_ik = exp(kappa_k mu_k.z_i / tau) / sum_{j in N_i} exp(kappa_j mu_j.z_i / tau).
-
-    z: (B x D) the features the assignment is computed from (the momentum features of the
-    epoch's E-step, SPEC 2.6); nbr: (B x s) ids of N_i. Large tau spreads the weight evenly
-    over N_i, small tau puts it on the closest centroid; s = 1 gives w = 1, the hard
-    assignment of eq. 8. log_prior (K,), optional, adds log pi_k to the logits: the
-    paper's "measure of the size of the cluster" read as the mixing weight instead of kappa.
-    """
-    logits = kappa[nbr] * torch.einsum("bd,bsd->bs", z, centroids[nbr]) / tau
-    if log_prior is not None:
-        logits = logits + log_prior[nbr]
-    return torch.softmax(logits, dim=1)
-
-
 def cluster_loss(q, centroids, kappa, nbr, w):
     """Eq. 9: L_clus = -1/B sum_i sum_{k in N_i} w_ik kappa_k mu_k.q_i.
 
@@ -85,7 +69,7 @@ def cluster_loss(q, centroids, kappa, nbr, w):
 
 
 def cluster_loss_neg_centroids(q, centroids, kappa, nbr, num_neg=16000, temperature=0.2):
-    """Eq. 14 (Table 8), PCL's ProtoNCE with vMF concentrations, s = 1 as in the paper:
+    """Eq. 14: PCL's ProtoNCE with vMF concentrations (Table 8), s = 1 as in the paper:
 
         -log exp(kappa_p mu_p.q / T) / (exp(kappa_p mu_p.q / T) + sum_{j in neg} exp(kappa_j mu_j.q / T))
 
@@ -104,7 +88,7 @@ def cluster_loss_neg_centroids(q, centroids, kappa, nbr, num_neg=16000, temperat
 
 
 def cluster_loss_neg_instances(q, k, centroids, kappa, nbr, temperature=0.2):
-    """Eq. 15 (Table 8): the positive centroid against negative *instances*: the momentum
+    """Eq. 15: the positive centroid against negative *instances* (Table 8): the momentum
     embeddings k_j of the other images in the batch that sit in a different cluster.
 
         -log exp(kappa_p mu_p.q / T) / (exp(kappa_p mu_p.q / T) + sum_{j: c_j != c_i} exp(q.k_j / T))
@@ -126,7 +110,7 @@ def siammm_loss(q1, q2, k1, k2, centroids=None, kappa=None, nbr=None, w=None,
     instance: "byol" (eq. 12), "infonce" (Table 4 "w/ negative inst"), "none" ("SiamMM w/o i",
     Table 4). cluster: "mle" (eq. 9), "neg-centroids" (eq. 14), "neg-instances" (eq. 15).
     With centroids=None (no mixture yet: cluster warm-up epochs) only L_inst is used.
-    Both views of image i share its assignment nbr_i, w_i (one E-step per image, SPEC 2.6).
+    Both views of image i share its assignment nbr_i, w_i (one E-step per image per epoch).
     Returns the total and the two terms (detached) for logging.
     """
     zero = q1.new_zeros(())

@@ -34,9 +34,8 @@ def build_backbone(arch="resnet50", small_stem=False, in_chans=3, width=64):
     8) x the block's expansion, as in torchvision (64) and SimCLR's wider ResNets (128 =
     its "2x"). torchvision builds only 64, so for another width the stem and stages are
     rebuilt from torchvision's own blocks (ResNet._make_layer): the module names, forward
-    and state_dict keys stay torchvision's. The CPU default uses 16: on 2 cores a quarter
-    width trains about 7x more images per second (330 against 47 in the bench runs), which
-    at a few minutes' budget matters more than capacity (bench/RESULTS.md, "A narrower
+    and state_dict keys stay torchvision's. The CPU default uses 16: at a budget of
+    minutes, images per second matter more than capacity (bench/RESULTS.md, "A narrower
     ResNet").
     Every conv and BN then gets torchvision's initialisation, zero_init_residual included:
     the last BN of every residual block starts at zero, so each block starts as the
@@ -193,10 +192,11 @@ class SiamMM(nn.Module):
         live where q is pulled (eq. 9); running statistics are neither used nor changed.
         bn="running": eval-mode running statistics. Those were accumulated on augmented
         crops, not on the clean images of the feature pass, and the mismatch pushes every z
-        into a narrow cone (mean resultant length 0.90 against 0.68, measured on a
-        Fashion-MNIST run), where k-means makes one giant cluster and eq. 9 then pulls every
-        q towards the cone's axis: the embedding collapses within an epoch.
-        Batches need at least 2 images for "batch" (data.feature_batches guarantees it);
+        into a narrow cone, where k-means makes one giant cluster and eq. 9 then pulls every
+        q towards the cone's axis: the embedding collapses within an epoch (bench/RESULTS.md,
+        "Stem, blur and the BN statistics of the feature pass").
+        Batches need at least 2 images for "batch" (data.feature_batches guarantees it, and
+        cuts them from a permutation: a class-sorted batch would lose its class's mean);
         group: this rank's own process group when the model has SyncBatchNorm layers."""
         stats = (contextlib.nullcontext() if bn == "running" else
                  batch_statistics(self.momentum_backbone, self.momentum_projector, process_group=group))

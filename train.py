@@ -1,7 +1,8 @@
 """
-SiamMM pre-training: a Siamese ResNet with a momentum encoder, trained with the instance
-loss (eq. 12) plus the likelihood of a von Mises-Fisher mixture (eq. 9, 10) that is refit
-every epoch and merged down from K0 clusters (eq. 11). Paper: arXiv 2511.05462.
+SiamMM pre-training (arXiv 2511.05462): a Siamese ResNet with a momentum encoder, trained
+with the instance loss (eq. 12) plus the likelihood of a von Mises-Fisher mixture (eq. 9,
+10) that is refit every epoch and merged down from K0 clusters towards the number of
+classes (eq. 11).
 
 On a CPU, no arguments: Fashion-MNIST (apt-get install dataset-fashion-mnist), about 10 minutes on 2 cores
     $ python train.py
@@ -9,20 +10,19 @@ One GPU:
     $ python train.py --preset imagenet-100ep --data-dir /datasets/imagenet --batch-size 512
 8 GPUs on one node (the paper's setting: batch 4096, ResNet-50):
     $ torchrun --standalone --nproc_per_node=8 train.py --preset imagenet-100ep --data-dir /datasets/imagenet
-2 nodes of 8 GPUs (run on each node, --node_rank 0 and 1):
-    $ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
-        train.py --preset imagenet-200ep --data-dir /datasets/imagenet
-Resume an interrupted run:  add --resume auto (continues from OUT_DIR/checkpoint.pth).
+2 nodes of 8 GPUs (run on each node, --node_rank 0 and 1; --out-dir on a shared file system):
+    $ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \\
+        train.py --preset imagenet-200ep --data-dir /datasets/imagenet --out-dir /shared/runs/in200
+Resume an interrupted run: add --resume auto (continues from OUT_DIR/checkpoint.pth).
 
-Each epoch (sec. 5.1 "training procedure"):
-  1. feature pass: the momentum encoder embeds the training set (evaluation transform);
-     every rank embeds its own shard, each sample exactly once (with --features targets,
-     only in the first clustering epoch and the last: the others reuse the momentum
-     targets k that the previous training epoch computed anyway, kept per sample in a bank);
-  2. E/M step (cluster.py): k-means warm-started from last epoch's centroids (sec. 4.3),
-     mu (eq. 6) and kappa (eq. 7 / 16); each sample's s nearest centroids and weights (eq. 10);
-  3. a training epoch with L = L_inst + lambda_c L_clus (eq. 13);
-  4. merging of close clusters (eq. 11), then a checkpoint and one JSON line in log.jsonl.
+Each epoch is the paper's training procedure (sec. 5.1), one function per step:
+  1. feature pass   the momentum encoder embeds every training image (evaluation view)
+  2. E/M step       k-means warm-started from last epoch's centroids (sec. 4.3), mu (eq. 6),
+                    kappa (eq. 7 / 16), each image's nearest centroids and weights (eq. 10)
+                    -> cluster_step() does 1 and 2 (cluster.py holds the mixture)
+  3. training       L = L_inst + lambda_c L_clus (eq. 13) -> train_one_epoch()
+  4. merging        close clusters merge (eq. 11) -> merge_step()
+and then a checkpoint and one line of log.jsonl (save_checkpoint, log_epoch).
 """
 
 import argparse
@@ -30,45 +30,40 @@ import json
 import math
 import os
 import random
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import utils
 from cluster import VMFMixture, faiss_has_gpu
 from loss import siammm_loss
 from model import SiamMM, model_args, momentum_at
+from utils import UserError, autocast
 
 # ----------------------------------------------------------------------------- config
 # Presets set defaults; any flag given on the command line wins over its preset.
 PRESETS = {
-    # The embedded default: Fashion-MNIST on a 2-core CPU in about 10 minutes (bench/RESULTS.md
-    # has every run behind these choices). Small stem for 28 px images; a quarter-width
-    # resnet18 (--width 16: about 7x the images/s of width 64, which matters more than capacity
-    # at this budget, "A narrower ResNet"); small heads; a 5k-image subset; SGD (LARS needs
-    # large batches). 48 epochs: k-means on the backbone reaches raw pixels on the test split
-    # (ACC 0.469-0.539 over six runs against 0.491); 24 stayed below ("48 epochs").
-    # merge_lambda (eq. 11): the paper grid-searches lambda per data set (sec. 5.1). Here 2.0
-    # stalls K near 140 of 500, 1.75 levels off at 32-41, 1.5 merges past the 10 classes to
-    # 3-8; 1.625 brings K from 500 to 10, 9 and 6 by seed (Fig. 2's behaviour), with k-means
-    # and learned-cluster AMI level with or above 1.75 ("The merging threshold", "K to 10").
-    # It is tuned for 48 epochs: with --epochs 96, K merges on to 5 ("Twice the epochs").
+    # The embedded default: Fashion-MNIST on a 2-core CPU in about 10 minutes. Small stem for
+    # 28 px images, a quarter-width resnet18 (about 7x the images/s of width 64: speed matters
+    # more than capacity at this budget), small heads, a 5k-image subset, SGD (LARS is for
+    # large batches). The merging threshold lambda is grid-searched per data set, as the paper
+    # advises (sec. 5.1): 1.625 takes K from 500 to about the 10 classes in 48 epochs. Every
+    # run behind these values: bench/RESULTS.md, "Choosing the CPU default".
     "cpu": dict(data="fashion-mnist", arch="resnet18", small_stem=True, width=16, img_size=16, subset=5000,
                 proj_hidden=512, pred_hidden=512, dim=128, pca_dim=64, batch_size=128, epochs=48,
                 optimizer="sgd", lr=0.06, weight_decay=5e-4, warmup_epochs=0, momentum=0.99,
                 num_clusters=500, crop_min=0.2, workers=2, merge_lambda=1.625),
     # sec. 5.1: ResNet-50, 3-layer 4096-d projector, 2-layer predictor, 256-d, K0 = 100,000,
     # LARS (wd 1e-6, momentum 0.9), batch 4096, cosine lr, MoCo v3 augmentations. The paper's
-    # base lr values were lost in extraction; these are MoCo v3's ResNet-50 values. Its
-    # lambda of eq. 11 was lost too ("a percentile of the normalised pairwise distance"):
-    # 2.0 merges pairs below about the 2nd percentile, were d Gaussian. The paper uses MoCo v3's
-    # augmentations; MoCo v3's ResNet-50 recipes (its CONFIG.md) crop with --crop-min .2.
+    # base lr values were lost in extraction; these are MoCo v3's ResNet-50 values, and
+    # MoCo v3's ResNet-50 recipes (its CONFIG.md) crop with --crop-min .2. The lambda of
+    # eq. 11 was lost too ("a percentile of the normalised pairwise distance"): 2.0 merges
+    # pairs below about the 2nd percentile, were d Gaussian.
     "imagenet-100ep": dict(data="imagenet", arch="resnet50", small_stem=False, width=64, img_size=224, subset=0,
                            proj_hidden=4096, pred_hidden=4096, dim=256, pca_dim=150, batch_size=4096,
                            epochs=100, optimizer="lars", lr=0.6, weight_decay=1e-6, warmup_epochs=10,
@@ -81,10 +76,11 @@ PRESETS = {
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="SiamMM pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = utils.ArgumentParser(prog="train.py", description="SiamMM pre-training",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="defaults for a setting; flags override")
     # data
-    p.add_argument("--data", choices=["fashion-mnist", "folder", "imagenet"], help="data set")
+    p.add_argument("--data", choices=data.NAMES, help="data set")
     p.add_argument("--data-dir", default="", help="fashion-mnist: idx files (default /usr/share/datasets/fashion-mnist); "
                    "folder/imagenet: a folder with train/ and val/")
     p.add_argument("--download", action="store_true", help="fashion-mnist: download with torchvision if missing (needs internet)")
@@ -119,10 +115,6 @@ def get_args(argv=None):
     p.add_argument("--feature-bn", default="batch", choices=["batch", "running"],
                    help="BN statistics of the feature pass: each batch's own, as when the momentum branch makes the "
                         "targets k, or the eval-mode running ones (they collapse the mixture; see SiamMM.embed)")
-    p.add_argument("--features", default="pass", choices=["pass", "targets"],
-                   help="E-step features: 'pass' = a momentum-encoder pass over the data before each epoch (SPEC 2.4, "
-                        "PCL); 'targets' = each sample's momentum targets k from the last training epoch, kept in a "
-                        "memory bank (ODC / SwAV-style online features: a pass only in the first and last epochs; feature_bank_update)")
     p.add_argument("--feature-batch-size", type=int, default=256,
                    help="images per batch of the feature pass, per process (the same cut on any number of GPUs)")
     p.add_argument("--reinit-centroids", action="store_true",
@@ -151,15 +143,44 @@ def get_args(argv=None):
     p.add_argument("--stop-after-epoch", type=int, default=0, help="exit after this epoch (for job time limits); resume later")
     p.add_argument("--save-every", type=int, default=0, help="also keep checkpoint_epochN.pth every N epochs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dist-timeout", type=float, default=30.0,
+                   help="minutes a process waits for the others in a collective before the run stops "
+                        "(a frozen or lost rank would otherwise hang the rest)")
     args = p.parse_args(argv)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    check_args(p, args)
     return args
 
 
-# ----------------------------------------------------------------------------- LARS
+def check_args(p, args):
+    """Ranges, checked before any work starts: a value that makes the run fail later, or
+    do nothing, or go silently wrong stops here with one line that names the flag."""
+    utils.check_flags(p, args,
+                      positive=("epochs", "batch_size", "img_size", "width", "proj_hidden", "pred_hidden", "dim",
+                                "pca_dim", "num_clusters", "soft_k", "tau", "init_iters", "nredo", "min_clusters",
+                                "infonce_t", "neg_t", "num_neg", "dist_timeout"),
+                      non_negative=("subset", "workers", "weight_decay", "warmup_epochs", "kmeans_iters",
+                                    "cluster_warmup_epochs", "cluster_weight", "stop_after_epoch", "save_every"),
+                      fractions=("crop_min",))
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        p.error(f"--lr {args.lr}: must be a positive number (the base lr; the actual lr is lr x batch-size / 256)")
+    if not 0 <= args.momentum <= 1:
+        p.error(f"--momentum {args.momentum}: the EMA momentum m0 lies in [0, 1]")
+    if not math.isfinite(args.merge_lambda):
+        p.error(f"--merge-lambda {args.merge_lambda}: must be a number (eq. 11's threshold E[d] - lambda sigma[d])")
+    if not args.kappa_clip >= 1:
+        p.error(f"--kappa-clip {args.kappa_clip}: must be at least 1 (kappa is normalised to mean 1, then clipped)")
+    if args.feature_batch_size < 2:
+        p.error(f"--feature-batch-size {args.feature_batch_size}: must be at least 2 (batch-statistics BN)")
+    if args.instance_loss == "none" and (args.cluster_warmup_epochs > 0 or args.cluster_weight == 0):
+        p.error("--instance-loss none trains on the cluster loss alone ('SiamMM w/o i'): it needs --cluster-weight > 0 "
+                "and no --cluster-warmup-epochs")
+
+
+# ----------------------------------------------------------------------------- optimisation (sec. 5.1)
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017) as used by MoCo v3 / SimSiam for large batches: SGD with
     momentum whose step for each weight matrix is scaled by the trust ratio
@@ -207,7 +228,6 @@ def lr_at(t, args):
     return base * 0.5 * (1 + math.cos(math.pi * (t - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
 
 
-# ----------------------------------------------------------------------------- helpers
 class LossMeter:
     """The epoch's mean loss terms, summed on the device (no synchronisation per step), and
     the divergence check. Under fp16 a non-finite loss is a step that GradScaler skips (it
@@ -247,75 +267,14 @@ class LossMeter:
         return [v / max(s[3], 1) for v in s[:3]]
 
 
-def setup_distributed(args):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is world size 1."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    args.rank, args.world_size, args.local_rank = 0, 1, 0
-    args.local_group = None   # a process group of this rank alone, for SyncBN in the feature pass
-    if args.distributed:
-        args.rank, args.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if args.device == "cuda":
-            torch.cuda.set_device(args.local_rank)
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        if args.device == "cuda":   # SyncBN (GPU only) must not sync the feature pass (model.batch_statistics)
-            args.local_group, _ = dist.new_subgroups(group_size=1)
-    args.master = args.rank == 0
-    args.dev = torch.device("cuda", args.local_rank) if args.device == "cuda" else torch.device("cpu")
-
-
-def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash mid-write never destroys the last
-    good checkpoint (os.replace is atomic on POSIX)."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state(dev):
-    """This process's RNG states. On a GPU only its own device's: a job resumed on a node that
-    shows fewer GPUs (CUDA_VISIBLE_DEVICES, another node type) must still restore it."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
-
-
-def set_rng_state(s, dev):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s["cuda"] is not None and dev.type == "cuda":
-        torch.cuda.set_rng_state(s["cuda"], dev)
-
-
-# Flags that say where and how this process runs, not what it trains: a resume may change
-# them without a note (the world size too: --batch-size is the total over all processes).
-RUN_FLAGS = {"out_dir", "resume", "stop_after_epoch", "save_every", "workers", "device", "dev", "data_dir",
-             "download", "distributed", "rank", "world_size", "local_rank", "master"}
-
-
-def saved_args(args):
-    """The flags as written to args.json and the checkpoint (no process-group handle)."""
-    return {k: v for k, v in vars(args).items() if k != "local_group"} | {"dev": str(args.dev)}
-
-
-def fail(msg):
-    """One clear line for a person, no traceback, exit status 2. (An error raised in a
-    DataLoader worker arrives wrapped in the worker's traceback: keep its last line.)"""
-    msg = (str(msg).strip().splitlines() or ["unknown error"])[-1].removeprefix("data.DataError: ")
-    print(f"train.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
+# ----------------------------------------------------------------------------- steps 1-2: feature pass, E/M step
 def feature_loader(ds, args):
-    """The feature pass's loader, built once per run: the data are cut into batches of
-    --feature-batch-size independently of the world size and rank r embeds batches r, r + W,
-    ...: every sample exactly once over all ranks and no sampler padding, so the cluster
-    statistics (sums over samples, all-reduced) count each image once (SPEC 2.4), and each
-    z_i is the same on any number of GPUs. The eval transform draws no random number, so the
-    workers persist from epoch to epoch (restarting them cost about a sixth of the pass on
-    the CPU default, bench/RESULTS.md "The epoch cost with the paper's feature pass")."""
+    """The feature pass's loader, built once per run. The data are cut into batches of
+    --feature-batch-size from one seeded permutation, independently of the world size, and
+    rank r embeds batches r, r + W, ... (data.feature_batches): every sample exactly once
+    over all ranks and no sampler padding, so the cluster statistics (sums over samples,
+    all-reduced) count each image once, each z_i is the same on any number of GPUs, and no
+    batch is one class of a class-sorted folder."""
     batches = data.feature_batches(len(ds), args.feature_batch_size, args.rank, args.world_size, args.seed)
     # generator: its own, so starting the workers draws no number from torch's global RNG,
     # which then stays the training augmentations' alone (a resumed run repeats exactly).
@@ -327,8 +286,8 @@ def feature_loader(ds, args):
 
 @torch.no_grad()
 def feature_pass(model, loader, args):
-    """z_i = momentum embedding of every training image (eval transform), this rank's share
-    (feature_loader). Returns (features n_r x D on CPU, dataset indices n_r)."""
+    """Step 1: z_i = the momentum embedding of every training image (evaluation view), this
+    rank's share (feature_loader). Returns (features n_r x D on the CPU, dataset indices n_r)."""
     model.eval()  # with --feature-bn batch, embed() switches BN to batch statistics itself
     feats, index = [], []
     for x, _, idx in tqdm(loader, desc="  features", disable=not args.master, leave=False):
@@ -343,102 +302,250 @@ def feature_pass(model, loader, args):
     return torch.cat(feats), torch.cat(index)
 
 
-def autocast(device, amp="bf16"):
-    """Mixed precision on CUDA (bf16 by default, fp16 with a GradScaler); exact fp32 on a CPU.
-    evaluate.py and bench/ use it too."""
-    if device.type != "cuda" or amp == "none":
-        return torch.autocast("cpu", enabled=False)
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+def cluster_step(model, mixture, loader, n_total, args, times):
+    """Steps 1 and 2 (sec. 5.1): the feature pass, then the E/M step on its features: k-means
+    warm-started from last epoch's centroids (sec. 4.3), kappa (eq. 7 / 16), and each
+    image's s nearest centroids with their eq. 10 weights as N x s tables on the device.
+    Returns (centroids, kappa normalised for the loss, nbr table, w table)."""
+    t0 = time.time()
+    feats, index = feature_pass(model, loader, args)
+    times["features"] = time.time() - t0
+    t0 = time.time()
+    mixture.fit(feats, index, n_total)
+    nbr, w = mixture.assignment_table(feats, index, n_total, args.soft_k, args.tau, args.assign_prior, args.dev)
+    times["clustering"] = time.time() - t0
+    return mixture.centroids.to(args.dev), mixture.kappa_for_loss().to(args.dev), nbr, w
 
 
-@torch.no_grad()
-def share_rows(n_total, index, values, args):
-    """An n_total-row table whose rows `index` are this rank's `values`, with the rows of
-    every other rank filled in by a sum all-reduce. Each row is owned by exactly one rank
-    (the feature pass's cut, owned_rows), so the sum is a copy."""
-    table = torch.zeros((n_total,) + tuple(values.shape[1:]), dtype=values.dtype)
-    table[index.cpu()] = values.cpu()
+# ----------------------------------------------------------------------------- step 3: training
+def train_one_epoch(model, loader, optimizer, scaler, clusters, epoch, args, times):
+    """Step 3: one pass over the shuffled training set with L = L_inst + lambda_c L_clus
+    (eq. 13). lr and the EMA momentum follow their schedules per iteration (sec. 5.1, MoCo
+    v3); each image's cluster assignment is looked up by its dataset index in the tables
+    of this epoch's E-step (clusters is None in cluster warm-up epochs: eq. 12 only).
+    Returns the log fields of the epoch."""
+    raw = model.module if args.distributed else model
+    centroids, kappa, nbr_table, w_table = clusters or (None,) * 4
+    meter = LossMeter(args.dev, skips_allowed=scaler.is_enabled())
+    t0, steps = time.time(), len(loader)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not args.master, leave=False)
+    for i, ((x1, x2), _, idx) in enumerate(bar):
+        t = epoch + i / steps
+        lr, m = lr_at(t, args), momentum_at(t, args.epochs, args.momentum)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        x1, x2 = data.to_input(x1, args.data, args.dev), data.to_input(x2, args.data, args.dev)
+        with autocast(args.dev, args.amp):
+            q1, q2, k1, k2 = model(x1, x2)
+        idx = idx.to(args.dev)
+        nbr, w = (nbr_table[idx], w_table[idx]) if clusters else (None, None)
+        loss, l_inst, l_clus = siammm_loss(q1.float(), q2.float(), k1.float(), k2.float(), centroids, kappa, nbr, w,
+                                           args.cluster_weight, args.instance_loss, args.cluster_loss,
+                                           args.infonce_t, args.neg_t, args.num_neg)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        raw.update_momentum(m)
+        meter.add(loss, l_inst, l_clus)
+        if i % 20 == 0 or i == steps - 1:
+            check_divergence(meter, bar, epoch, i, args)
+            bar.set_postfix(dict(zip(("loss", "inst", "clus"), (f"{v:.4f}" for v in meter.means()))) | {"lr": f"{lr:.3g}"})
     if args.distributed:
-        red = args.dev if dist.get_backend() == "nccl" else torch.device("cpu")
-        table = table.to(red)
-        dist.all_reduce(table)
-    return table.to(args.dev)
+        dist.all_reduce(meter.sums)
+    times["training"] = time.time() - t0
+    loss, l_inst, l_clus = meter.means()
+    return {"loss": loss, "loss_inst": l_inst, "loss_clus": l_clus, "lr": lr, "momentum": m,
+            "images_per_s": steps * args.batch_size / times["training"]}
 
 
-@torch.no_grad()
-def assignment_table(mixture, feats, index, n_total, args):
-    """Each sample's s nearest centroids and eq. 10 weights, as N x s tables indexed by
-    dataset index. Every rank computes its own shard's rows and share_rows fills in the
-    rest, so any rank can look up any sample of its shuffled training batch."""
-    s = min(args.soft_k, mixture.centroids.shape[0])
-    nbr_local, w_local = mixture.assign(feats, s=s, tau=args.tau, prior=args.assign_prior)
-    return share_rows(n_total, index, nbr_local, args), share_rows(n_total, index, w_local, args)
+def check_divergence(meter, bar, epoch, step, args):
+    problem = meter.check()
+    if problem:
+        bar.close()
+        ckpt = os.path.join(args.out_dir, "checkpoint.pth")
+        kept = f"the last good checkpoint, {ckpt}, is kept" if os.path.exists(ckpt) else "no checkpoint was written yet"
+        raise UserError(f"{problem} at epoch {epoch + 1}, step {step}: training diverged; {kept}. "
+                        "Lower --lr, or check --tau, --kappa-clip and the data")
 
 
-def owned_rows(n_total, args, rank=None):
-    """The dataset indices a rank embeds in the feature pass (data.feature_batches), in that
-    order: the rows of the mixture's statistics this rank owns, whatever the E-step's source."""
-    rank = args.rank if rank is None else rank
-    return torch.tensor([i for b in data.feature_batches(n_total, args.feature_batch_size, rank, args.world_size, args.seed)
-                         for i in b], dtype=torch.long)
-
-
-@torch.no_grad()
-def feature_bank_update(bank, owned, index, targets, args):
-    """--features targets: write one training epoch's momentum targets into the bank.
-
-    Each sample's row becomes normalize(k1 + k2), the mean direction of its two views'
-    targets (the vMF maximum-likelihood mean of two draws, eq. 6), as the momentum encoder
-    produced them during the epoch. Like SwAV and DINO, which cluster online, and ODC's
-    memory bank, this replaces the separate feature pass (about 1/8 of a training epoch's
-    compute) in every epoch but the first clustering one and the last.
-
-    The bank is sharded like the feature pass (SPEC 2.4: no rank holds N x D): rank r keeps
-    the rows of owned_rows(r). Each rank trained on a random 1/W of the data, so its
-    targets are sent to their owners, one reduce per owner (each sample is in exactly one
-    rank's epoch, so the sum is a copy). Samples no rank saw this epoch (drop_last leaves
-    out N mod batch) keep their previous row.
-    bank: (n_own x D) this rank's rows; owned: every rank's owned_rows, computed once per
-    run; index: (n,) dataset indices of this rank's epoch; targets: (n x D) their unit-norm
-    targets, on the CPU."""
-    D = bank.shape[1]
-    red = args.dev if args.distributed and dist.get_backend() == "nccl" else torch.device("cpu")
-    owner = torch.empty(sum(len(o) for o in owned), dtype=torch.long)   # dataset index -> rank, position
-    pos = torch.empty_like(owner)
-    for r, own in enumerate(owned):
-        owner[own], pos[own] = r, torch.arange(len(own))
-    for r, own in enumerate(owned):
-        mine = owner[index] == r                      # the samples I trained on that rank r owns
-        block = torch.zeros(len(own), D + 1)          # targets, and a last column: seen this epoch
-        block[pos[index[mine]], :D] = targets[mine]
-        block[pos[index[mine]], D] = 1
+# ----------------------------------------------------------------------------- step 4: merging
+def merge_step(mixture, args, times):
+    """Step 4: merge close clusters (eq. 11, sec. 4.2). Rank 0 merges and sends the result
+    to the others, so all ranks hold bit-identical mixtures even where Faiss or BLAS differ
+    between nodes. Returns (merges, threshold)."""
+    t0 = time.time()
+    merged, thresh = 0, float("nan")
+    if not args.no_merge:
+        if args.master:
+            merged, thresh = mixture.merge(args.merge_lambda, min_clusters=args.min_clusters)
         if args.distributed:
-            block = block.to(red)
-            dist.reduce(block, dst=r)
-        if r == args.rank:
-            block = block.cpu()
-            seen = block[:, D] > 0
-            bank[seen] = block[seen, :D]
-    return bank
+            box = [(mixture.centroids, mixture.counts, mixture.kappa, merged, thresh)]
+            dist.broadcast_object_list(box, src=0)
+            mixture.centroids, mixture.counts, mixture.kappa, merged, thresh = box[0]
+    mixture.k_history.append(int(mixture.centroids.shape[0]))
+    times["merging"] = time.time() - t0
+    return merged, thresh
 
 
-def bank_path(out_dir, rank, epoch=None):
-    """Each rank saves its own shard of the bank (as SwAV saves its queue per rank)."""
-    return os.path.join(out_dir, f"feature_bank_rank{rank}" + (f"_epoch{epoch}" if epoch else "") + ".pth")
+# ----------------------------------------------------------------------------- checkpoints, log, resume
+# Flags that say where and how this process runs, not what it trains: a resume may change
+# them without a note (the world size too: --batch-size is the total over all processes).
+RUN_FLAGS = {"out_dir", "resume", "stop_after_epoch", "save_every", "workers", "device", "dev", "data_dir",
+             "download", "distributed", "rank", "world_size", "local_rank", "master", "dist_timeout"}
+
+
+def saved_args(args):
+    """The flags as written to args.json and the checkpoint (no process-group handle)."""
+    return {k: v for k, v in vars(args).items() if k not in ("local_group", "lock")} | {"dev": str(args.dev)}
+
+
+def save_checkpoint(model, optimizer, scaler, mixture, epoch, steps, args):
+    """Everything a resumed run needs to continue exactly: weights, optimiser, AMP scaler,
+    mixture, epoch and step, every rank's RNG state, the flags. Rank 0 writes it
+    atomically (utils.atomic_save); every rank takes part in gathering the RNG states."""
+    rng = utils.gather_rng(args)
+    if not args.master:
+        return
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "mixture": mixture.state_dict() if mixture.centroids is not None else None,
+            "epoch": epoch + 1, "step": (epoch + 1) * steps, "args": saved_args(args), "rng": rng}
+    utils.atomic_save(ckpt, os.path.join(args.out_dir, "checkpoint.pth"))
+    if args.save_every and (epoch + 1) % args.save_every == 0:
+        utils.atomic_save(ckpt, os.path.join(args.out_dir, f"checkpoint_epoch{epoch + 1}.pth"))
+
+
+def log_epoch(record, mixture, merge, times, t_epoch, args):
+    """One JSON line per epoch in OUT_DIR/log.jsonl (rank 0), and a line on stdout: losses,
+    lr, momentum, K, merges and the threshold, cluster sizes and kappa (a collapse shows as
+    one giant cluster), the time of each step and images/s."""
+    record["time"] = {k: round(v, 3) for k, v in times.items()} | {"epoch": round(time.time() - t_epoch, 3)}
+    if merge is not None:
+        record |= mixture.summary() | {"merged": merge[0], "merge_threshold": merge[1]}
+    if not args.master:
+        return
+    try:
+        with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {os.path.join(args.out_dir, 'log.jsonl')}: {e.strerror}") from None
+    k_txt = f" | K {record['K']} (merged {record['merged']})" if merge is not None else ""
+    print(f"epoch {record['epoch']}/{args.epochs} | loss {record['loss']:.4f} (inst {record['loss_inst']:.4f}, "
+          f"clus {record['loss_clus']:.4f}){k_txt} | {record['images_per_s']:.0f} img/s | {record['time']['epoch']:.0f}s")
+
+
+def open_run(args):
+    """Before anything is written: rank 0 takes OUT_DIR's lock (a second job in the same
+    folder, e.g. the ranks of a killed torchrun agent still running, would interleave
+    checkpoints and logs), and every rank reads the checkpoint it sees. All ranks then agree
+    on one epoch to resume from: nodes without a shared --out-dir would otherwise resume on
+    some ranks and start afresh on others, and the replicas would drift apart without a
+    word. Returns the checkpoint (or None) and its path."""
+    path = os.path.join(args.out_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
+    problem, ckpt = None, None
+    try:
+        if args.master:
+            take_lock(args)
+        if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
+            raise UserError(f"--resume {args.resume}: no such checkpoint")
+        if path and os.path.exists(path):
+            ckpt = utils.load_checkpoint_file(path)
+            if not isinstance(ckpt, dict) or not {"model", "args", "epoch"} <= set(ckpt):
+                raise UserError(f"{path} is not a train.py checkpoint; start a new --out-dir")
+    except UserError as e:
+        problem = str(e)
+    seen = [(problem, ckpt["epoch"] if ckpt else None)]
+    if args.distributed:
+        seen = [None] * args.world_size
+        dist.all_gather_object(seen, (problem, ckpt["epoch"] if ckpt else None))
+    for rank, (problem, _) in enumerate(seen):
+        if problem:
+            raise UserError(problem if rank == args.rank or not args.distributed else f"rank {rank}: {problem}")
+    if len({e for _, e in seen}) > 1:
+        where = ", ".join(f"rank {r}: {'epoch ' + str(e) if e is not None else 'none'}" for r, (_, e) in enumerate(seen))
+        raise UserError(f"the ranks see different checkpoints at {path or 'OUT_DIR/checkpoint.pth'} ({where}): put "
+                        "--out-dir on a file system that every node shares, or copy the checkpoint to every node")
+    return ckpt, path
+
+
+def take_lock(args):
+    """An exclusive lock on OUT_DIR/.lock for the life of the job (flock: the kernel drops
+    it when the process ends, kill -9 included)."""
+    import fcntl
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        args.lock = open(os.path.join(args.out_dir, ".lock"), "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to --out-dir {args.out_dir}: {e.strerror}") from None
+    try:
+        fcntl.flock(args.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        args.lock.seek(0)
+        owner = args.lock.read().strip() or "another process"
+        raise UserError(f"another job is training in --out-dir {args.out_dir} ({owner}): wait for it to end, "
+                        "stop it, or use another --out-dir") from None
+    args.lock.truncate(0)
+    args.lock.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    args.lock.flush()
+
+
+def resume(ckpt, path, model, optimizer, scaler, mixture, args):
+    """--resume auto / PATH: load everything save_checkpoint wrote and return the epoch to
+    start from (0 without a checkpoint). The model flags must match the checkpoint's; every
+    other flag comes from this command line, as in MoCo v3 (a new lambda, a longer
+    --epochs), and a resumed run says which differ. The log is cut back to the checkpoint's
+    epoch, so an epoch logged but not saved before a crash is not logged twice."""
+    if ckpt is None:
+        return 0
+    saved = ckpt["args"]
+    for k, was in (model_args(saved) | {"data": saved["data"]}).items():
+        if was != getattr(args, k):
+            raise UserError(f"cannot resume {path}: it was trained with --{k.replace('_', '-')} {was}, "
+                            f"this run has {getattr(args, k)}; use the same setting or another --out-dir")
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})" for k in sorted(saved)
+               if k not in RUN_FLAGS and k in vars(args) and saved[k] != getattr(args, k)]
+    if changed and args.master:
+        print(f"note: from epoch {ckpt['epoch'] + 1} on, this run differs from the checkpoint's flags: " + ", ".join(changed))
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError) as e:  # a checkpoint of another code version or model
+        raise UserError(f"cannot resume {path}: its weights do not fit this model "
+                        f"({str(e).splitlines()[0]}); start a new --out-dir") from None
+    if scaler.is_enabled() and ckpt["scaler"]:   # empty when saved by a bf16, fp32 or CPU run
+        scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["mixture"] is not None:
+        mixture.load_state_dict(ckpt["mixture"])
+    utils.set_rng_state(ckpt["rng"][args.rank] if args.rank < len(ckpt["rng"]) else ckpt["rng"][0], args.dev)
+    if args.master:
+        utils.trim_log(os.path.join(args.out_dir, "log.jsonl"), ckpt["epoch"])
+        print(f"resumed from {path} at epoch {ckpt['epoch']}")
+    return ckpt["epoch"]
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    """Parse the flags and train; a problem with the user's input ends in one line (fail)."""
+    """Parse the flags and train; a problem a person can fix ends in one line (utils.fail)."""
     args = get_args(argv)
     try:
         return train(args)
-    except (data.DataError, ValueError) as e:
-        fail(str(e))
+    except (UserError, ValueError) as e:
+        utils.fail("train.py", e)
+    except Exception as e:
+        if utils.is_dist_timeout(e):
+            utils.fail("train.py", f"rank {getattr(args, 'rank', 0)} waited {args.dist_timeout:g} min for the other "
+                       "processes: one of them stopped or was lost; see its log, then resume with --resume auto")
+        raise
+    finally:
+        if getattr(args, "lock", None):   # the process may go on (train.main called from Python)
+            args.lock.close()
 
 
 def train(args):
-    setup_distributed(args)
+    utils.setup_distributed(args, args.dist_timeout)
+    args.local_group = None   # a process group of this rank alone, for SyncBN in the feature pass
+    if args.distributed and args.dev.type == "cuda":   # SyncBN must not sync the feature pass (model.batch_statistics)
+        args.local_group, _ = dist.new_subgroups(group_size=1)
     torch.manual_seed(args.seed)  # the model is built from the same seed on every rank
     if args.dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -453,24 +560,21 @@ def train(args):
                                              data.eval_transform(args.data, args.img_size)), args.subset, args.seed)
     N = len(train_set)
     if args.batch_size > N:
-        fail(f"--batch-size {args.batch_size} is larger than the data set (N = {N}): use a smaller batch")
-    if args.batch_size % args.world_size:
-        fail(f"--batch-size {args.batch_size} must be divisible by the number of processes ({args.world_size})")
-    if args.instance_loss == "none" and (args.cluster_warmup_epochs > 0 or args.cluster_weight == 0):
-        fail("--instance-loss none trains on the cluster loss alone ('SiamMM w/o i'): it needs --cluster-weight > 0 "
-             "and no --cluster-warmup-epochs")
+        raise UserError(f"--batch-size {args.batch_size} is larger than the data set (N = {N}): use a smaller batch")
+    if args.batch_size % args.world_size or args.batch_size // args.world_size < 2:
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of the number of processes "
+                        f"({args.world_size}), at least 2 per process (BN)")
     if args.num_clusters > N:
-        fail(f"--num-clusters {args.num_clusters} is larger than the data set (N = {N}): use fewer clusters")
+        raise UserError(f"--num-clusters {args.num_clusters} is larger than the data set (N = {N}): use fewer clusters")
     sampler = torch.utils.data.DistributedSampler(train_set, args.world_size, args.rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // args.world_size, sampler=sampler,
                                          num_workers=args.workers, pin_memory=args.dev.type == "cuda",
                                          drop_last=True)  # workers re-seeded from the (checkpointed) RNG each epoch
     feat_loader = feature_loader(feat_set, args)
-    steps_per_epoch = len(loader)
 
-    # ---- model, optimiser
-    model = SiamMM(in_chans=data.in_channels(args.data), **model_args(vars(args)))
+    # ---- model, optimiser, mixture
+    model = SiamMM(in_chans=data.SPECS[args.data].channels, **model_args(vars(args)))
     torch.manual_seed(args.seed + args.rank)  # then each rank draws its own augmentations
     np.random.seed(args.seed + args.rank)
     random.seed(args.seed + args.rank)
@@ -481,178 +585,30 @@ def train(args):
         model = model.to(memory_format=torch.channels_last)
     raw = model
     if args.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.local_rank] if args.dev.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.dev.index] if args.dev.type == "cuda" else None)
     optimizer = build_optimizer(raw.online_parameters(), args)
     scaler = torch.amp.GradScaler("cuda", enabled=args.dev.type == "cuda" and args.amp == "fp16")
     mixture = VMFMixture(args.dim, args.num_clusters, args.kappa, args.pca_dim, args.init_iters, args.kmeans_iters,
                          reinit=args.reinit_centroids, nredo=args.nredo, kappa_clip=args.kappa_clip, seed=args.seed,
                          device=args.dev)
-
-    # ---- resume
-    os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.out_dir, "checkpoint.pth")
-    start_epoch = 0
-    bank = None   # --features targets: this rank's rows of last epoch's momentum targets (feature_bank_update)
-    owned = [owned_rows(N, args, r) for r in range(args.world_size)] if args.features == "targets" else None
-    resume = ckpt_path if args.resume == "auto" else args.resume
-    ckpt = torch.load(resume, map_location="cpu", weights_only=False) if resume and os.path.exists(resume) else None
-    agree_on_resume(ckpt["epoch"] if ckpt else None, resume, args)
-    if ckpt:
-        saved = ckpt["args"]
-        for k, was in (model_args(saved) | {"data": saved["data"]}).items():
-            if was != getattr(args, k):
-                fail(f"cannot resume {resume}: it was trained with --{k.replace('_', '-')} {was}, "
-                     f"this run has {getattr(args, k)}; use the same setting or another --out-dir")
-        # Every other flag comes from this command line, as in MoCo v3: a resumed run may
-        # change lambda or extend --epochs (which stretches the cosine schedules). Say so.
-        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})" for k in sorted(saved)
-                   if k not in RUN_FLAGS and k in vars(args) and saved[k] != getattr(args, k)]
-        if changed and args.master:
-            print(f"note: from epoch {ckpt['epoch'] + 1} on, this run differs from the checkpoint's flags: "
-                  + ", ".join(changed))
-        try:
-            raw.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError) as e:  # a checkpoint of another code version or model
-            fail(f"cannot resume {resume}: its weights do not fit this model "
-                 f"({str(e).splitlines()[0]}); start a new --out-dir")
-        if scaler.is_enabled() and ckpt["scaler"]:   # empty when saved by a bf16, fp32 or CPU run
-            scaler.load_state_dict(ckpt["scaler"])
-        if ckpt["mixture"] is not None:
-            mixture.load_state_dict(ckpt["mixture"])
-        start_epoch = ckpt["epoch"]
-        bank = load_bank(os.path.dirname(resume), start_epoch, N, args)
-        set_rng_state(ckpt["rng"][args.rank] if args.rank < len(ckpt["rng"]) else ckpt["rng"][0], args.dev)
-        if args.master:
-            print(f"resumed from {resume} at epoch {start_epoch}")
-    elif args.resume and args.resume != "auto":
-        fail(f"--resume {args.resume}: no such checkpoint")
-
+    start_epoch = resume(*open_run(args), raw, optimizer, scaler, mixture, args)
     if args.master:
         print(f"SiamMM | {args.arch} on {args.data} (N = {N}) | {args.world_size} x {args.dev.type} | "
               f"batch {args.batch_size} | {args.epochs} epochs | K0 = {args.num_clusters} | E-step search: {search_backend(args.dev)}")
         with open(os.path.join(args.out_dir, "args.json"), "w") as f:
             json.dump(saved_args(args), f, indent=1)
-    log_path = os.path.join(args.out_dir, "log.jsonl")
 
+    # ---- the epochs: sec. 5.1's four steps
     for epoch in range(start_epoch, args.epochs):
-        t_epoch = time.time()
-        times = {}
+        t_epoch, times = time.time(), {}
         sampler.set_epoch(epoch)
-        # ---- 1-2. feature pass and E/M step (sec. 5.1), unless still in cluster warm-up
-        use_clusters = epoch >= args.cluster_warmup_epochs and args.cluster_weight > 0
-        centroids = kappa = nbr_table = w_table = None
-        if use_clusters:
-            t0 = time.time()
-            # --features targets still runs the pass in its first clustering epoch (no targets
-            # yet) and in the last: the mixture saved for use is then fit on clean views, the
-            # kind evaluate.py assigns (fit on augmented targets, some centroids hold no clean
-            # image and the learned clusters score lower: bench/RESULTS.md)
-            source = "pass" if bank is None or epoch == args.epochs - 1 else "bank"
-            if source == "pass":
-                feats, index = feature_pass(raw, feat_loader, args)
-                if args.features == "targets":
-                    bank = feats.clone()   # the pass returns exactly this rank's owned rows, in order
-            else:              # last epoch's targets for this rank's rows, the feature pass's cut
-                index, feats = owned[args.rank], bank
-            times["features"] = time.time() - t0
-            t0 = time.time()
-            mixture.fit(feats, index, N)
-            nbr_table, w_table = assignment_table(mixture, feats, index, N, args)
-            centroids, kappa = mixture.centroids.to(args.dev), mixture.kappa_for_loss().to(args.dev)
-            times["clustering"] = time.time() - t0
-            del feats
-        # ---- 3. training epoch, eq. 13
-        t0 = time.time()
-        meter = LossMeter(args.dev, skips_allowed=scaler.is_enabled())
-        collect = bank is not None               # implies --features targets and clusters in use
-        seen_idx, seen_k = [], []                # --features targets: this epoch's momentum targets
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not args.master, leave=False)
-        for i, ((x1, x2), _, idx) in enumerate(bar):
-            t = epoch + i / steps_per_epoch
-            lr = lr_at(t, args)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            m = momentum_at(t, args.epochs, args.momentum)
-            x1, x2 = data.to_input(x1, args.data, args.dev), data.to_input(x2, args.data, args.dev)
-            with autocast(args.dev, args.amp):
-                q1, q2, k1, k2 = model(x1, x2)
-            q1, q2, k1, k2 = q1.float(), q2.float(), k1.float(), k2.float()
-            if collect:
-                seen_idx.append(idx)
-                seen_k.append(F.normalize(k1 + k2, dim=1))
-            nbr = w = None
-            if use_clusters:
-                idx = idx.to(args.dev)
-                nbr, w = nbr_table[idx], w_table[idx]
-            loss, l_inst, l_clus = siammm_loss(q1, q2, k1, k2, centroids, kappa, nbr, w, args.cluster_weight,
-                                               args.instance_loss, args.cluster_loss, args.infonce_t,
-                                               args.neg_t, args.num_neg)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            raw.update_momentum(m)
-            meter.add(loss, l_inst, l_clus)
-            if i % 20 == 0 or i == steps_per_epoch - 1:
-                problem = meter.check()
-                if problem:
-                    bar.close()
-                    kept = (f"the last good checkpoint, {ckpt_path}, is kept" if os.path.exists(ckpt_path)
-                            else "no checkpoint was written yet")
-                    fail(f"{problem} at epoch {epoch + 1}, step {i}: training diverged; lower --lr ({kept})")
-                s = meter.means()
-                bar.set_postfix(loss=f"{s[0]:.4f}", inst=f"{s[1]:.4f}", clus=f"{s[2]:.4f}", lr=f"{lr:.3g}")
-        if args.distributed:
-            dist.all_reduce(meter.sums)
-        times["training"] = time.time() - t0
-        if collect:
-            t0 = time.time()
-            bank = feature_bank_update(bank, owned, torch.cat(seen_idx).cpu(), torch.cat(seen_k).cpu(), args)
-            times["bank"] = time.time() - t0
-        del seen_idx, seen_k
-        # ---- 4. merging, eq. 11: rank 0 merges and sends the result to the others, so all
-        # ranks hold bit-identical mixtures even where Faiss / BLAS differ between nodes
-        merged, thresh = 0, float("nan")
-        if use_clusters and not args.no_merge:
-            t0 = time.time()
-            if args.master:
-                merged, thresh = mixture.merge(args.merge_lambda, min_clusters=args.min_clusters)
-            if args.distributed:
-                box = [(mixture.centroids, mixture.counts, mixture.kappa, merged, thresh)]
-                dist.broadcast_object_list(box, src=0)
-                mixture.centroids, mixture.counts, mixture.kappa, merged, thresh = box[0]
-            times["merging"] = time.time() - t0
-        if use_clusters:
-            mixture.k_history.append(int(mixture.centroids.shape[0]))
-        # ---- log and checkpoint (every rank saves its shard of the bank first)
-        if bank is not None:
-            shard = {"epoch": epoch + 1, "n_total": N, "world_size": args.world_size,
-                     "feature_batch_size": args.feature_batch_size, "rows": bank}
-            atomic_save(shard, bank_path(args.out_dir, args.rank))
-            if args.save_every and (epoch + 1) % args.save_every == 0:
-                atomic_save(shard, bank_path(args.out_dir, args.rank, epoch + 1))
-        avg = meter.means()
-        rec = {"epoch": epoch + 1, "loss": avg[0], "loss_inst": avg[1], "loss_clus": avg[2], "lr": lr, "momentum": m,
-               "time": {k: round(v, 3) for k, v in times.items()} | {"epoch": round(time.time() - t_epoch, 3)},
-               "images_per_s": steps_per_epoch * args.batch_size / times["training"]}
-        if use_clusters:
-            rec |= mixture.summary() | {"merged": merged, "merge_threshold": thresh, "feature_source": source}
-        if args.master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            k_txt = f" | K {rec['K']} (merged {merged})" if use_clusters else ""
-            print(f"epoch {epoch + 1}/{args.epochs} | loss {avg[0]:.4f} (inst {avg[1]:.4f}, clus {avg[2]:.4f})"
-                  f"{k_txt} | {rec['images_per_s']:.0f} img/s | {rec['time']['epoch']:.0f}s")
-            ckpt = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "mixture": mixture.state_dict() if mixture.centroids is not None else None,
-                    "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "args": saved_args(args),
-                    "rng": gather_rng(args)}
-            atomic_save(ckpt, ckpt_path)
-            if args.save_every and (epoch + 1) % args.save_every == 0:
-                atomic_save(ckpt, os.path.join(args.out_dir, f"checkpoint_epoch{epoch + 1}.pth"))
-        elif args.distributed:
-            gather_rng(args)
+        clusters = None
+        if epoch >= args.cluster_warmup_epochs and args.cluster_weight > 0:
+            clusters = cluster_step(raw, mixture, feat_loader, N, args, times)                # 1, 2
+        record = {"epoch": epoch + 1} | train_one_epoch(model, loader, optimizer, scaler, clusters, epoch, args, times)  # 3
+        merge = merge_step(mixture, args, times) if clusters else None                         # 4
+        log_epoch(record, mixture, merge, times, t_epoch, args)
+        save_checkpoint(raw, optimizer, scaler, mixture, epoch, len(loader), args)
         if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch:
             break
     if args.distributed:
@@ -661,52 +617,11 @@ def train(args):
     return mixture
 
 
-def load_bank(run_dir, epoch, n_total, args):
-    """This rank's shard of the --features targets bank saved with the checkpoint of `epoch`,
-    or None (then the next clustering epoch refills the bank with a feature pass): no file, a
-    shard of another epoch (a crash between the two saves), or another world size or cut."""
-    path = bank_path(run_dir, args.rank)
-    if args.features != "targets" or not os.path.exists(path):
-        return None
-    shard = torch.load(path, map_location="cpu", weights_only=False)
-    same = (shard["epoch"], shard["n_total"], shard["world_size"], shard["feature_batch_size"]) == \
-        (epoch, n_total, args.world_size, args.feature_batch_size)
-    if not same and args.master:
-        print(f"{path} does not fit this run (epoch, data size, world size or --feature-batch-size differ): "
-              f"the next epoch re-embeds the data with a feature pass")
-    return shard["rows"] if same else None
-
-
 def search_backend(dev):
     """What runs the E-step's nearest-centroid search (cluster.knn_search), said at start."""
     if dev.type != "cuda":
         return f"Faiss on the CPU ({torch.get_num_threads()} threads)"
     return f"Faiss on {dev}" if faiss_has_gpu() else f"torch on {dev} (this Faiss has no GPU support)"
-
-
-def agree_on_resume(epoch, path, args):
-    """Every rank must resume from the same epoch. Nodes without a shared --out-dir see
-    different files: the ranks that find no checkpoint would start from scratch while the
-    others resume, and the replicas would drift apart without a word. Stop instead."""
-    if not args.distributed:
-        return
-    seen = [None] * args.world_size
-    dist.all_gather_object(seen, epoch)
-    if len(set(seen)) > 1:
-        where = ", ".join(f"rank {r}: {'epoch ' + str(e) if e is not None else 'none'}" for r, e in enumerate(seen))
-        fail(f"the ranks see different checkpoints at {path or 'OUT_DIR/checkpoint.pth'} ({where}): put --out-dir "
-             "on a file system that every node shares, or copy the checkpoint to every node")
-
-
-def gather_rng(args):
-    """Every rank's RNG state (rank 0 saves them all), so a resumed run draws the same
-    augmentations on every rank as the uninterrupted one would have."""
-    state = rng_state(args.dev)
-    if not args.distributed:
-        return [state]
-    out = [None] * args.world_size
-    dist.all_gather_object(out, state)
-    return out
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark of cluster.py on this machine (SPEC 4, "Speed"):
+"""Benchmark of cluster.py on this machine:
 
 1. Merging (eq. 11, sec. 4.2) at K = 100,000 centroids, D = 256: E[d] and sigma[d] from sums,
    candidate pairs, greedy matching, the merge itself. Target: under 1 s on a 2-core CPU.

@@ -22,6 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import evaluate as ev  # noqa: E402
+import report  # noqa: E402
+import utils  # noqa: E402
 
 
 def main():
@@ -46,7 +48,7 @@ def main():
     eargs = ev.get_args(["--checkpoint", args.checkpoint, "--workers", str(args.workers)])
     try:
         model, mixture, targs = ev.load_checkpoint(eargs)
-    except ev.EvalError as e:
+    except utils.UserError as e:
         p.error(str(e))
     if mixture is None:
         p.error(f"{args.checkpoint} has no mixture: the cluster vote needs one")
@@ -72,10 +74,10 @@ def main():
           f"learned K = {mixture.centroids.shape[0]}")
     print(f"| votes | suspects | flips among them | flips in top {nf} | flips in top {2 * nf} |")
     print("| --- | --- | --- | --- | --- |")
-    votes = [(f"cluster (K = {mixture.centroids.shape[0]})", ev.cluster_label_votes(noisy, clusters))]
-    votes += [(f"kNN, k = {k}", ev.knn_label_votes(feats, noisy, k, args.knn_t, C)) for k in ks]
+    votes = [(f"cluster (K = {mixture.centroids.shape[0]})", report.cluster_label_votes(noisy, clusters))]
+    votes += [(f"kNN, k = {k}", report.knn_label_votes(feats, noisy, k, args.knn_t, C)) for k in ks]
     for name, (suggested, share) in votes:
-        order = ev.mislabel_ranking(noisy, suggested, share, cos)
+        order = report.mislabel_ranking(noisy, suggested, share, cos)
         hit = np.isin(order, flipped)
         print(f"| {name} | {len(order)} | {hit.sum() / nf:.3f} | {hit[:nf].sum() / nf:.3f} | {hit[:2 * nf].sum() / nf:.3f} |")
 

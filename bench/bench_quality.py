@@ -1,4 +1,4 @@
-"""SiamMM beside its baselines and its own ablations, at one budget, in one run (SPEC 4).
+"""SiamMM beside its baselines and its own ablations, at one budget, in one run.
 
 Every variant is trained by train.py and evaluated by evaluate.py, run as the real programs
 (subprocesses, one log file each), with the same flags except the one the variant changes.
@@ -24,20 +24,17 @@ import subprocess
 import sys
 import time
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import report  # noqa: E402  (Fig. 2's plot)
 
 # name -> the train.py flags that make the variant (everything else is the preset's default)
 DEFAULT = ("SiamMM (default)", [])
 SUITES = {
     "main": [DEFAULT,
-             ("instance-only (--cluster-weight 0)", ["--cluster-weight", "0"]),
-             ("E-step on the training targets (--features targets)", ["--features", "targets"])],
+             ("instance-only (--cluster-weight 0)", ["--cluster-weight", "0"])],
     "ablations": [DEFAULT,
                   ("hard assignment, s = 1 (Table 6)", ["--soft-k", "1"]),
                   ("fixed K, no merging (Table 5)", ["--no-merge"]),
@@ -144,21 +141,13 @@ def main():
         json.dump(rows, f, indent=1)
 
     # ---- Fig. 2: K per epoch for every run with a mixture
-    fig, ax = plt.subplots(figsize=(6, 4))
+    curves = {}
     for r in rows:
         ks = [(e["epoch"], e["K"]) for e in r["log"] if "K" in e]
         if ks and "--no-merge" not in r["flags"]:
             k0 = json.load(open(os.path.join(r["dir"], "args.json")))["num_clusters"]
-            ax.plot([0] + [e for e, _ in ks], [k0] + [k for _, k in ks], marker="o", ms=3, label=r["name"])
-    ax.axhline(10, ls="--", c="gray", label="true classes (10)")
-    ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("K")
-    ax.set_title("K per epoch (eq. 11 merging)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out_dir, "k_per_epoch.png"), dpi=120)
+            curves[r["name"]] = ([0] + [e for e, _ in ks], [k0] + [k for _, k in ks])
+    report.plot_k_history(curves, os.path.join(args.out_dir, "k_per_epoch.png"), num_classes=10)
     print(f"table: {os.path.join(args.out_dir, 'results.md')} | plot: {os.path.join(args.out_dir, 'k_per_epoch.png')}")
 
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import train  # noqa: E402
+import utils  # noqa: E402
 from loss import siammm_loss  # noqa: E402
 from model import SiamMM, model_args  # noqa: E402
 
@@ -44,12 +45,12 @@ def main():
     dev = torch.device(args.device)
     args.dev, args.distributed = dev, False
     B = args.batch_size
-    model = SiamMM(in_chans=data.in_channels(args.data), **model_args(vars(args))).to(dev)   # --width included
+    model = SiamMM(in_chans=data.SPECS[args.data].channels, **model_args(vars(args))).to(dev)   # --width included
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = train.build_optimizer(model.online_parameters(), args)
     scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and args.amp == "fp16")
-    c = data.in_channels(args.data)
+    c = data.SPECS[args.data].channels
     x1 = torch.randn(B, c, args.img_size, args.img_size, device=dev)
     x2 = torch.randn(B, c, args.img_size, args.img_size, device=dev)
     if dev.type == "cuda":
@@ -61,7 +62,7 @@ def main():
     w = torch.full((B, args.soft_k), 1.0 / args.soft_k, device=dev)
 
     def step():
-        with train.autocast(dev, args.amp):
+        with utils.autocast(dev, args.amp):
             q1, q2, k1, k2 = model(x1, x2)
         loss, _, _ = siammm_loss(q1.float(), q2.float(), k1.float(), k2.float(), centroids, kappa, nbr, w)
         opt.zero_grad(set_to_none=True)
@@ -83,7 +84,7 @@ def main():
         xf = xf.to(memory_format=torch.channels_last)
 
     def embed():
-        with train.autocast(dev, args.amp):
+        with utils.autocast(dev, args.amp):
             model.embed(xf, args.feature_bn)
 
     model.eval()

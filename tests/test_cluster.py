@@ -1,4 +1,5 @@
-"""Tests of cluster.py, the vMF mixture engine (SPEC 2.3-2.6, 2.8).
+"""Tests of cluster.py, the vMF mixture engine: vMF recovery (eq. 5-7, 16), merging
+(eq. 11), warm starts (sec. 4.3), DDP against one process.
 
 Data come from a known vMF mixture drawn with Wood's (1994) rejection sampler, so the
 estimates can be checked against the truth. Everything runs on the CPU in seconds; the DDP
@@ -82,7 +83,7 @@ def brute_moments(M):
 
 
 def brute_greedy(M, thresh, max_pairs=None):
-    """Eq. 11 by brute force: all pairs with d < thresh, closest first, each node at most once."""
+    """eq. 11 by brute force: all pairs with d < thresh, closest first, each node at most once."""
     M = np.asarray(M, dtype=np.float64)
     d = 1 - M @ M.T
     pairs = sorted((d[j, k], j, k) for j in range(len(M)) for k in range(j + 1, len(M)) if d[j, k] < thresh)
@@ -186,7 +187,7 @@ def test_recover_kappa_pca_when_extra_dims_carry_no_signal(mixture_data):
 
 
 def test_pca_kappa_matches_direct_computation():
-    """Eq. 16 against a direct numpy computation: top-d' eigenvectors P of the features'
+    """eq. 16 against a direct numpy computation: top-d' eigenvectors P of the features'
     covariance, rbar'_k = ||P^T r_k|| / n_k, kappa_k = eq. 7 with d'. The features are
     anisotropic and the centroids have weight outside the top-d' subspace, so the projection
     changes rbar (it is not only d' in place of D)."""
@@ -209,7 +210,7 @@ def test_pca_kappa_matches_direct_computation():
 
 
 def test_kappa_mle_formula():
-    """Eq. 7 is Banerjee's approximation of A_d^{-1}: within a few % of the exact inverse for moderate kappa."""
+    """eq. 7 is Banerjee's approximation of A_d^{-1}: within a few % of the exact inverse for moderate kappa."""
     for d in (16, 64, 256):
         for kappa in (0.5 * d, 2.0 * d, 8.0 * d):
             rbar = mean_resultant(kappa, d)

@@ -19,6 +19,8 @@ from sklearn import metrics as skm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import evaluate as ev  # noqa: E402
+import report  # noqa: E402
+import utils  # noqa: E402
 from cluster import VMFMixture  # noqa: E402
 from model import SiamMM  # noqa: E402
 
@@ -138,15 +140,15 @@ def test_frozen_backbone_check_can_fail():
     statistics included, bit-identical; a train-mode forward changes them and is caught."""
     model = SiamMM("resnet18", small_stem=True, in_chans=1, proj_hidden=32, pred_hidden=32, dim=16)
     bb = model.backbone
-    digest = ev.state_digest(bb)
+    digest = utils.state_digest(bb)
     x = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)          # as the loaders send images
     loader = torch.utils.data.DataLoader([(x[i], 0, i) for i in range(8)], batch_size=8)
     f, z, y = ev.extract_features(loader, "fashion-mnist", bb, model.eval().embed)
     assert f.shape == (8, 512) and z.shape == (8, 16) and torch.allclose(z.norm(dim=1), torch.ones(8), atol=1e-5)
-    assert ev.changed_keys(bb, digest) == []
+    assert utils.changed_keys(bb, digest) == []
     bb.train()
     bb(x.float())                                       # BN running stats move
-    assert "bn1.running_mean" in ev.changed_keys(bb, digest)
+    assert "bn1.running_mean" in utils.changed_keys(bb, digest)
 
 
 # ----------------------------------------------------------------------------- semi-supervised
@@ -170,7 +172,7 @@ def test_split_file_subset_matches_file_names(tmp_path):
     idx = ev.split_file_subset(ds, str(tmp_path / "1percent.txt"))
     assert [os.path.basename(ds.samples[i][0]) for i in idx] == ["a_0.JPEG", "b_2.JPEG"]
     (tmp_path / "bad.txt").write_text("zzz.JPEG\n")
-    with pytest.raises(ev.EvalError, match="zzz.JPEG"):
+    with pytest.raises(utils.UserError, match="zzz.JPEG"):
         ev.split_file_subset(ds, str(tmp_path / "bad.txt"))
 
 
@@ -180,10 +182,10 @@ def test_mislabel_ranking_known_case():
     labels = np.array([0] * 8 + [1] + [2] * 5 + [3] * 3)
     clusters = np.array([0] * 9 + [1] * 8)
     conf = np.linspace(0.5, 0.9, 17)
-    suggested, share = ev.cluster_label_votes(labels, clusters)
+    suggested, share = report.cluster_label_votes(labels, clusters)
     assert (suggested == np.array([0] * 9 + [2] * 8)).all()
     assert share[8] == pytest.approx(1 / 9) and share[14] == pytest.approx(3 / 8) and share[0] == pytest.approx(8 / 9)
-    order = ev.mislabel_ranking(labels, suggested, share, conf)
+    order = report.mislabel_ranking(labels, suggested, share, conf)
     assert order[0] == 8                                  # the lone 'B' (share 1/9) first
     assert order[1:].tolist() == [16, 15, 14]             # then the D's, most confident first
 
@@ -194,16 +196,16 @@ def test_knn_label_votes_leave_one_out():
     a = np.radians([0, 10, 90, 100])
     x = torch.tensor(np.stack([np.cos(a), np.sin(a)], 1), dtype=torch.float32)
     labels = np.array([0, 1, 1, 1])
-    suggested, share = ev.knn_label_votes(x, labels, k=1, T=0.07, num_classes=2)
+    suggested, share = report.knn_label_votes(x, labels, k=1, T=0.07, num_classes=2)
     assert suggested.tolist() == [1, 0, 1, 1] and share.tolist() == [0.0, 0.0, 1.0, 1.0]
     # k = 3 (all others), T = 1e6 (equal votes): point 0 sees labels 1, 1, 1; point 1 sees 0, 1, 1
-    suggested, share = ev.knn_label_votes(x, labels, k=3, T=1e6, num_classes=2)
+    suggested, share = report.knn_label_votes(x, labels, k=3, T=1e6, num_classes=2)
     assert suggested.tolist() == [1, 1, 1, 1]
     assert share == pytest.approx([0.0, 2 / 3, 2 / 3, 2 / 3])
     # exact duplicates may crowd an image's own row out of the search: it still never votes
     dup = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]])
     for k in (1, 2):
-        suggested, share = ev.knn_label_votes(dup, np.array([0, 1, 1, 0]), k=k, num_classes=2)
+        suggested, share = report.knn_label_votes(dup, np.array([0, 1, 1, 0]), k=k, num_classes=2)
         assert suggested[0] == 1 and share[0] == 0.0
 
 
@@ -223,10 +225,10 @@ def test_mislabel_report_ranks_flipped_labels_near_top(fmnist):
     ids, cos, margin = ev.assign_clusters(x, cents)
     found = {}
     for votes in ("cluster", "knn"):
-        suggested, share = (ev.cluster_label_votes(noisy, ids) if votes == "cluster"
-                            else ev.knn_label_votes(x, noisy, k=20, num_classes=10))
+        suggested, share = (report.cluster_label_votes(noisy, ids) if votes == "cluster"
+                            else report.knn_label_votes(x, noisy, k=20, num_classes=10))
         for conf in (cos, margin):
-            order = ev.mislabel_ranking(noisy, suggested, share, conf)
+            order = report.mislabel_ranking(noisy, suggested, share, conf)
             assert np.isin(flip, order).mean() >= 0.9            # almost every flip is a suspect at all
             top = np.isin(flip, order[:80]).mean()
             assert top >= 0.5, f"{votes}: only {top:.0%} of the flipped labels in the top 80 of {len(order)} suspects"
@@ -240,10 +242,10 @@ def test_mislabel_report_ranks_flipped_labels_near_top(fmnist):
 def test_read_k_history(tmp_path):
     lines = [{"epoch": 1, "K": 100}, {"epoch": 2, "K": 60}, {"epoch": 2, "K": 55}, {"epoch": 3, "loss": 1.0}]
     (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + '\n{"epoch": 4, "K"')
-    assert ev.read_k_history(str(tmp_path)) == ([1, 2], [100, 55])   # resumed epoch: last wins; torn line skipped
+    assert report.read_k_history(str(tmp_path)) == ([1, 2], [100, 55])   # resumed epoch: last wins; torn line skipped
     m = VMFMixture(4, 3)
     m.k_history = [9, 7]
-    assert ev.read_k_history(str(tmp_path / "nowhere"), m) == ([1, 2], [9, 7])
+    assert report.read_k_history(str(tmp_path / "nowhere"), m) == ([1, 2], [9, 7])
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -12,7 +12,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from loss import (assignment_weights, cluster_loss, cluster_loss_neg_centroids,  # noqa: E402
+from cluster import assignment_weights  # noqa: E402  (eq. 10, the E-step's weights)
+from loss import (cluster_loss, cluster_loss_neg_centroids,  # noqa: E402
                   cluster_loss_neg_instances, infonce_loss, instance_loss, siammm_loss)
 
 DT = torch.float64
@@ -38,7 +39,7 @@ def T(rows, grad=False):
 
 
 def ref_weights(z, mu, kappa, nbr, tau, log_prior=None):
-    """Eq. 10 with loops: w_ik = exp(kappa_k mu_k.z_i / tau) / sum_{j in N_i} (...)."""
+    """eq. 10 with loops: w_ik = exp(kappa_k mu_k.z_i / tau) / sum_{j in N_i} (...)."""
     out = []
     for i, ids in enumerate(nbr):
         logits = [kappa[k] * dot(mu[k], z[i]) / tau + (log_prior[k] if log_prior else 0.0) for k in ids]
@@ -49,7 +50,7 @@ def ref_weights(z, mu, kappa, nbr, tau, log_prior=None):
 
 
 def ref_cluster(q, mu, kappa, nbr, w):
-    """Eq. 9 with loops: -1/B sum_i sum_{k in N_i} w_ik kappa_k mu_k.q_i."""
+    """eq. 9 with loops: -1/B sum_i sum_{k in N_i} w_ik kappa_k mu_k.q_i."""
     return -sum(sum(w[i][j] * kappa[k] * dot(mu[k], q[i]) for j, k in enumerate(ids))
                 for i, ids in enumerate(nbr)) / len(q)
 

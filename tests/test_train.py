@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train
+import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A run small enough for 2 CPU cores: 128 real images at 16 px, tiny heads, 2 epochs.
@@ -90,11 +91,10 @@ def free_port():
 
 
 def test_torchrun_two_processes_match_one_process_clustering(tmp_path):
-    """2 gloo processes: each embeds half of the data; the first clustering (all-reduced
-    sums) must equal the one-process clustering of the same features. Epoch 2 fits on the
-    --features targets bank, which both ranks' halves of the epoch must fill."""
+    """2 gloo processes: each embeds its share of the data; the first clustering (all-reduced
+    sums) must equal the one-process clustering of the same features."""
     common = TINY + ["--no-merge", "--feature-batch-size", "48",   # rank 0: 2 feature batches, rank 1: 1
-                     "--features", "targets", "--save-every", "1", "--epochs", "3", "--stop-after-epoch", "2"]
+                     "--save-every", "1", "--epochs", "3", "--stop-after-epoch", "2"]
     one = str(tmp_path / "one")
     train.main(common + ["--out-dir", one])
     two = str(tmp_path / "two")
@@ -108,18 +108,7 @@ def test_torchrun_two_processes_match_one_process_clustering(tmp_path):
     assert torch.equal(a["counts"], b["counts"])
     assert torch.allclose(a["centroids"], b["centroids"], atol=1e-5)
     assert torch.allclose(a["kappa"], b["kappa"], rtol=1e-4)
-    assert [r["feature_source"] for r in read_log(two)] == ["pass", "bank"]
-    # each rank keeps the rows it embeds in the feature pass (rank 0: 96, rank 1: 32). Epoch 2
-    # trained on all 128 samples, each on a random rank, so every row of both shards must be a
-    # new unit vector: targets reached their owner across ranks
-    rows = 0
-    for r in range(2):
-        first = torch.load(os.path.join(two, f"feature_bank_rank{r}_epoch1.pth"), weights_only=False)["rows"]
-        end = torch.load(os.path.join(two, f"feature_bank_rank{r}.pth"), weights_only=False)["rows"]
-        assert torch.allclose(end.norm(dim=1), torch.ones(len(end)), atol=1e-5)
-        assert ((end - first).norm(dim=1) > 1e-3).all()
-        rows += len(end)
-    assert rows == 128
+    assert [r["epoch"] for r in read_log(two)] == [1, 2]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -255,47 +244,6 @@ def test_blur_is_sized_for_the_image():
     assert [b.scale for b in blurs] == [32 / 224]
 
 
-def test_feature_bank_update_replaces_seen_rows_and_keeps_the_rest():
-    """--features targets: a sample's row becomes the mean direction of its two views'
-    targets; samples this epoch did not reach (drop_last) keep last epoch's row."""
-    import types
-    args = types.SimpleNamespace(distributed=False, dev=torch.device("cpu"), rank=0, world_size=1,
-                                 feature_batch_size=4, seed=0)
-    old = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)   # one process owns all 6 rows
-    k1, k2 = torch.eye(4)[[0, 1]], torch.eye(4)[[1, 1]]
-    new = torch.nn.functional.normalize(k1 + k2, dim=1)      # what train.py stores per sample
-    owned = train.owned_rows(6, args)                        # the bank's row r holds sample owned[r]
-    row = {int(i): r for r, i in enumerate(owned)}
-    bank = train.feature_bank_update(old.clone(), [owned], torch.tensor([4, 1]), new, args)
-    s = 2 ** -0.5
-    assert torch.allclose(bank[row[4]], torch.tensor([s, s, 0, 0]))   # (e0 + e1) / sqrt 2
-    assert torch.allclose(bank[row[1]], torch.tensor([0.0, 1, 0, 0]))
-    keep = [row[i] for i in (0, 2, 3, 5)]
-    assert torch.equal(bank[keep], old[keep])
-
-
-def test_targets_features_skip_the_pass_and_resume_exactly(tmp_path):
-    """After the first clustering, --features targets fits the mixture on the bank of
-    momentum targets (no feature pass); the bank is saved with the checkpoint, so stopping
-    after epoch 2 and resuming (epoch 3 fits on the loaded bank) gives the uninterrupted
-    run's final weights and mixture."""
-    flags = ["--features", "targets", "--epochs", "4"]
-    full = run(tmp_path, *flags, name="full")
-    # the last epoch runs a pass again, so the mixture that evaluate.py uses is fit on clean views
-    assert [r["feature_source"] for r in read_log(full)] == ["pass", "bank", "bank", "pass"]
-    part = run(tmp_path, *flags, "--stop-after-epoch", "2", name="part")
-    train.main(TINY + flags + ["--out-dir", part, "--resume", "auto"])
-    a = torch.load(os.path.join(full, "checkpoint.pth"), weights_only=False)
-    b = torch.load(os.path.join(part, "checkpoint.pth"), weights_only=False)
-    bank = torch.load(os.path.join(full, "feature_bank_rank0.pth"), weights_only=False)
-    assert bank["epoch"] == 4 and bank["rows"].shape == (128, 16)
-    assert torch.allclose(bank["rows"].norm(dim=1), torch.ones(128), atol=1e-5)
-    assert torch.equal(bank["rows"], torch.load(os.path.join(part, "feature_bank_rank0.pth"), weights_only=False)["rows"])
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    assert torch.equal(a["mixture"]["centroids"], b["mixture"]["centroids"])
-
-
 # ----------------------------------------------------------------------------- the GPU path, as far as a CPU shows it
 def test_rng_state_saves_and_restores_this_rank_s_gpu_only(monkeypatch):
     """A checkpoint saved where rank 5 saw 8 GPUs resumes where one GPU is visible: each rank
@@ -305,11 +253,11 @@ def test_rng_state_saves_and_restores_this_rank_s_gpu_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved every visible GPU"))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restored every visible GPU"))
-    state = train.rng_state(torch.device("cuda", 5))
+    state = utils.rng_state(torch.device("cuda", 5))
     assert state["cuda"].tolist() == [5]
-    train.set_rng_state(state, torch.device("cuda", 0))
+    utils.set_rng_state(state, torch.device("cuda", 0))
     assert restored == [(state["cuda"], torch.device("cuda", 0))]
-    assert train.rng_state(torch.device("cpu"))["cuda"] is None
+    assert utils.rng_state(torch.device("cpu"))["cuda"] is None
 
 
 def test_loss_meter_lets_fp16_skip_a_step_but_not_diverge():
