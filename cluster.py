@@ -114,25 +114,42 @@ def knn_search(queries, database, k, device=None):
     return index.search(q, k)
 
 
-def torch_search(queries, database, k, device, budget=2 ** 28):
-    """knn_search with torch: query chunks times the database (exact fp32, TF32 off for the
-    product) and top-k, each chunk's similarity block at most `budget` floats (1 GiB)."""
-    db = torch.as_tensor(np.asarray(database, dtype=np.float32)).to(device)
-    q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
-    chunk = max(1, budget // max(db.shape[0], 1))
-    sims, ids = [], []
+def torch_search(queries, database, k, device, budget=2 ** 28, exclude_self=False, normalize=False):
+    """knn_search with torch, exact, in fp32 with TF32 off (its 10-bit mantissa would blur
+    near ties): blocks of database rows, each converted to fp32 on `device` once, times
+    chunks of queries, each similarity block at most `budget` floats (1 GiB), with a running
+    top-k. The database may be a half-precision tensor (evaluate.py keeps its features so)
+    and is never copied whole. exclude_self: the queries are the database's own rows, in
+    order, and no row finds itself (a leave-one-out search). normalize: L2-normalise rows
+    and queries as they are taken (cosine search over unnormalised features). Returns
+    (sims, ids), numpy."""
+    db, q = torch.as_tensor(database), torch.as_tensor(queries)
+    nq, ndb = q.shape[0], db.shape[0]
+    k = min(k, ndb - 1 if exclude_self else ndb)
+    best_v = torch.full((nq, k), -float("inf"), device=device)
+    best_i = torch.full((nq, k), -1, dtype=torch.long, device=device)
+    block = min(max(ndb, 1), 65536)
+    chunk = max(1, budget // block)
     tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False    # TF32's 10-bit mantissa would blur near ties
+    torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        for s in range(0, q.shape[0], chunk):
-            v, i = (q[s:s + chunk].to(device) @ db.T).topk(k, dim=1)
-            sims.append(v.cpu())
-            ids.append(i.cpu())
+        for b0 in range(0, ndb, block):
+            rows = db[b0:b0 + block].to(device=device, dtype=torch.float32)
+            rows = torch.nn.functional.normalize(rows, dim=1) if normalize else rows
+            for s in range(0, nq, chunk):
+                qs = q[s:s + chunk].to(device=device, dtype=torch.float32)
+                sims = (torch.nn.functional.normalize(qs, dim=1) if normalize else qs) @ rows.T
+                if exclude_self:   # query s + i is database row s + i
+                    i = torch.arange(s, s + sims.shape[0], device=device)
+                    mine = (i >= b0) & (i < b0 + rows.shape[0])
+                    sims[mine.nonzero()[:, 0], (i - b0)[mine]] = -float("inf")
+                v, j = sims.topk(min(k, sims.shape[1]), dim=1)
+                v, pick = torch.cat([best_v[s:s + chunk], v], 1).topk(k, dim=1)
+                best_i[s:s + chunk] = torch.cat([best_i[s:s + chunk], j + b0], 1).gather(1, pick)
+                best_v[s:s + chunk] = v
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    if not sims:
-        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    return torch.cat(sims).numpy(), torch.cat(ids).numpy()
+    return best_v.cpu().numpy(), best_i.cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- the E and M steps

@@ -20,7 +20,6 @@ matplotlib.use("Agg")  # files only, no display: works on a headless server
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
@@ -28,7 +27,7 @@ from torchvision.utils import make_grid  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
-from cluster import knn_search  # noqa: E402
+from cluster import torch_search  # noqa: E402
 
 
 def cluster_report(out_dir, ds, feats, labels, classes, assignment, args, device=None, k_history=None, k0=None):
@@ -88,6 +87,43 @@ def sample_paths(ds):
     return None
 
 
+def summary_table(res):
+    """The readable side of results.json: one row per number, features next to raw pixels."""
+    def f(x):
+        return "-" if x is None else f"{x:.4f}"
+    src = res["source"]
+    lines = [f"SiamMM evaluation | {src['arch']} on {src['data']} ({src['img_size']} px, {src['encoder']} backbone"
+             f"{', epoch ' + str(src['epoch']) if src.get('epoch') else ''}) | train {res['split']['train']} -> "
+             f"test {res['split']['test']} | {res['device']}"]
+    rows = [("metric", "features", f"raw pixels ({res['raw_pixels']['side']} px)" if res.get("raw_pixels") else "raw pixels")]
+    raw = res.get("raw_pixels") or {}
+    for k, acc in res["knn"]["top1"].items():
+        rows.append((f"kNN top-1, k={k} (T={res['knn']['T']}, cosine)", f(acc), f((raw.get("knn_top1") or {}).get(k))))
+    if res.get("linear_probe"):
+        rows.append((f"quick linear probe top-1 ({res['linear_probe']['epochs']} ep, cached)", f(res["linear_probe"]["top1"]), "-"))
+    km, rk = res["kmeans"], raw.get("kmeans") or {}
+    for key, name in (("hungarian_acc", "Hungarian ACC"), ("nmi", "NMI"), ("ari", "ARI"), ("ami", "AMI")):
+        rows.append((f"spherical k-means K={km['K']} on {km['split']}: {name}", f(km[key]), f(rk.get(key))))
+    ek = raw.get("kmeans_euclidean")
+    if ek:
+        rows.append((f"Euclidean k-means (scikit-learn) on {ek['split']}: Hungarian ACC / NMI", "-",
+                     f"{f(ek['hungarian_acc'])} / {f(ek['nmi'])}"))
+    lc = res.get("learned_clusters")
+    if lc:
+        for key, name in (("ami", "AMI"), ("nmi", "NMI"), ("ari", "ARI"), ("majority_acc", "majority ACC")):
+            rows.append((f"learned clusters K={lc['K_mixture']} ({lc['K']} used) on {lc['split']}: {name}", f(lc[key]), "-"))
+        if lc.get("hungarian_acc") is not None:
+            rows.append(("learned clusters: Hungarian ACC", f(lc["hungarian_acc"]), "-"))
+    w0, w2 = max(len(r[0]) for r in rows), max(len(r[2]) for r in rows)
+    lines += [f"{a:<{w0}}  {b:>10}  {c:>{w2}}" for a, b, c in rows]
+    rep = res["report"]
+    lines.append(f"backbone unchanged by the evaluation: {'yes' if res['backbone_unchanged'] else 'NO'}")
+    lines.append(f"suspected mislabels ({rep['split']} split, votes of {rep['votes']}): "
+                 f"{rep['num_suspects']} -> {rep['mislabels_csv']}")
+    lines.append(f"results: {res['results_path']}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- sec. 6.8: who votes on a label
 def cluster_label_votes(labels, clusters):
     """The learned clusters' vote on every label (sec. 6.8): each image's cluster is its
@@ -102,18 +138,13 @@ def cluster_label_votes(labels, clusters):
 
 def knn_label_votes(feats, labels, k=20, T=0.07, num_classes=None, device=None):
     """The kNN vote on every label: each image's k nearest other images of the same split
-    (cosine, Faiss search) vote exp(cos / T) for their labels, as in knn_classify. No image
-    votes for itself (leave-one-out: an out-of-sample classifier, as confident learning
-    asks). Returns (the label with the most votes, the share of the image's own label in
-    its votes)."""
-    x = F.normalize(torch.as_tensor(feats).float(), dim=1).numpy()
+    (cosine, an exact search over the features a block at a time) vote exp(cos / T) for
+    their labels, as in knn_classify. No image votes for itself (leave-one-out: an
+    out-of-sample classifier, as confident learning asks); its exact duplicates do. Returns
+    (the label with the most votes, the share of the image's own label in its votes)."""
     labels = np.asarray(labels)
     n, C = len(labels), num_classes or int(labels.max()) + 1
-    k = min(k, n - 1)
-    sims, ids = knn_search(x, x, k + 1, device)
-    own = ids == np.arange(n)[:, None]
-    own[~own.any(1), -1] = True          # self crowded out by exact duplicates: drop the farthest instead
-    sims, ids = sims[~own].reshape(n, k), ids[~own].reshape(n, k)
+    sims, ids = torch_search(feats, feats, k, device or "cpu", exclude_self=True, normalize=True)
     w = torch.from_numpy(np.exp((sims.astype(np.float64) - 1) / T))   # exp(cos / T), rescaled: no overflow
     nbr, own_label = torch.from_numpy(labels[ids]).long(), torch.from_numpy(labels).long()
     suggested, share = [], []

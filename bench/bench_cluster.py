@@ -132,10 +132,10 @@ def bench_merge(K, D, lam, repeats, thread_counts, seed=0):
 
 
 class EStepCounter:
-    """Counts (and shows with tqdm) the E-steps fit() makes, by wrapping VMFMixture._stats."""
+    """Counts (and shows with tqdm) the E-steps fit() makes, by wrapping VMFMixture._sums."""
 
     def __init__(self):
-        self.n, self.bar, self._orig = 0, None, VMFMixture._stats
+        self.n, self.bar, self._orig = 0, None, VMFMixture._sums
 
     def __enter__(self):
         counter = self
@@ -147,11 +147,11 @@ class EStepCounter:
                 counter.bar.update(1)
                 counter.bar.set_postfix(objective=f"{out[2] / feats.shape[0]:.4f}")
             return out
-        VMFMixture._stats = stats
+        VMFMixture._sums = stats
         return self
 
     def __exit__(self, *exc):
-        VMFMixture._stats = self._orig
+        VMFMixture._sums = self._orig
 
 
 def features(N, D, classes, seed):

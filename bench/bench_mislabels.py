@@ -17,11 +17,11 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import evaluate as ev  # noqa: E402
+import model as model_lib  # noqa: E402
 import report  # noqa: E402
 import utils  # noqa: E402
 
@@ -45,20 +45,19 @@ def main():
         p.error(f"--knn-k {args.knn_k!r}: expected comma-separated integers such as 10,20,50")
 
     # the checkpoint's features and learned clusters, exactly as evaluate.py computes them
-    eargs = ev.get_args(["--checkpoint", args.checkpoint, "--workers", str(args.workers)])
+    eargs = ev.get_args(["--checkpoint", args.checkpoint, "--workers", str(args.workers), "--no-raw"])
     try:
-        model, mixture, targs = ev.load_checkpoint(eargs)
+        utils.setup_distributed(eargs)
+        backbone, _, embed, mixture, _ = model_lib.load_pretrained(eargs, eargs.dev)
     except utils.UserError as e:
         p.error(str(e))
     if mixture is None:
         p.error(f"{args.checkpoint} has no mixture: the cluster vote needs one")
     ds = data.subset(data.load_dataset(eargs.data, eargs.data_dir, "train", data.eval_transform(eargs.data, eargs.img_size)),
                      args.train_subset, args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
-    feats, emb, labels = ev.extract_features(ev.loader_for(ds, eargs, device), eargs.data, model.backbone,
-                                             lambda x: model.embed(x, targs.get("feature_bn", "running")), device)
-    clusters, cos, _ = ev.assign_clusters(emb, mixture.centroids)
+    split = ev.extract(ds, backbone, embed, eargs)
+    feats, labels = split.feats, split.labels
+    clusters, cos, _ = ev.assign_clusters(split.emb, mixture.centroids, eargs.dev)
 
     # flip a seeded share of the labels, each to one of the other classes
     labels = labels.numpy()

@@ -135,45 +135,40 @@ def test_linear_probe_real_subset_beats_chance_fast(fmnist):
     assert fc.weight.shape == (10, 784)
 
 
+def eval_args(*extra):
+    """evaluate.py's flags for calling its functions directly, on one CPU process."""
+    args = ev.get_args(["--backbone", "unused.pth", "--workers", "0"] + list(extra))
+    args.data, args.img_size = "fashion-mnist", 8
+    return utils.setup_distributed(args)
+
+
 def test_frozen_backbone_check_can_fail():
-    """MoCo v3's sanity check: extract_features (eval mode) leaves every tensor, BN running
+    """MoCo v3's sanity check: extraction (eval mode) leaves every tensor, BN running
     statistics included, bit-identical; a train-mode forward changes them and is caught."""
     model = SiamMM("resnet18", small_stem=True, in_chans=1, proj_hidden=32, pred_hidden=32, dim=16)
     bb = model.backbone
     digest = utils.state_digest(bb)
     x = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)          # as the loaders send images
-    loader = torch.utils.data.DataLoader([(x[i], 0, i) for i in range(8)], batch_size=8)
-    f, z, y = ev.extract_features(loader, "fashion-mnist", bb, model.eval().embed)
-    assert f.shape == (8, 512) and z.shape == (8, 16) and torch.allclose(z.norm(dim=1), torch.ones(8), atol=1e-5)
+    ds = [(x[i], 0, i) for i in range(8)]            # (uint8 image, label, index), as the data sets give
+    split = ev.extract(ds, bb, model.eval().embed, eval_args("--batch-size", "8"))
+    f, z = split.feats, split.emb
+    assert f.shape == (8, 512) and z.shape == (8, 16) and torch.allclose(z.float().norm(dim=1), torch.ones(8), atol=1e-2)
     assert utils.changed_keys(bb, digest) == []
     bb.train()
     bb(x.float())                                       # BN running stats move
     assert "bn1.running_mean" in utils.changed_keys(bb, digest)
 
 
-# ----------------------------------------------------------------------------- semi-supervised
-def test_balanced_subset_is_class_balanced_seeded_and_nested():
-    labels = np.repeat(np.arange(5), [100, 200, 300, 50, 7])
-    one, ten = ev.balanced_subset(labels, 1, seed=3), ev.balanced_subset(labels, 10, seed=3)
-    assert np.bincount(labels[one]).tolist() == [1, 2, 3, 1, 1]       # round(1%), at least one
-    assert np.bincount(labels[ten]).tolist() == [10, 20, 30, 5, 1]
-    assert set(one) <= set(ten) and len(set(ten)) == len(ten)
-    assert np.array_equal(ten, ev.balanced_subset(labels, 10, seed=3))
-    assert not np.array_equal(ten, ev.balanced_subset(labels, 10, seed=4))
-
-
-def test_split_file_subset_matches_file_names(tmp_path):
-    for cls in ("a", "b"):
-        os.makedirs(tmp_path / "train" / cls)
-        for i in range(3):
-            Image.new("RGB", (4, 4)).save(tmp_path / "train" / cls / f"{cls}_{i}.JPEG")
-    ds = data.load_dataset("folder", str(tmp_path), "train")
-    (tmp_path / "1percent.txt").write_text("b_2.JPEG\na_0.JPEG\n")
-    idx = ev.split_file_subset(ds, str(tmp_path / "1percent.txt"))
-    assert [os.path.basename(ds.samples[i][0]) for i in idx] == ["a_0.JPEG", "b_2.JPEG"]
-    (tmp_path / "bad.txt").write_text("zzz.JPEG\n")
-    with pytest.raises(utils.UserError, match="zzz.JPEG"):
-        ev.split_file_subset(ds, str(tmp_path / "bad.txt"))
+def test_feature_store_is_half_precision_and_its_size_is_what_it_says():
+    """N rows of F-d features take N x F x 2 bytes (half of float32), the embeddings N x D x
+    2, the raw pixels N x P x 1: Split.nbytes() is the memory evaluate.py holds for a split."""
+    model = SiamMM("resnet18", small_stem=True, in_chans=1, proj_hidden=32, pred_hidden=32, dim=16).eval()
+    x = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    split = ev.extract([(x[i], i % 2, i) for i in range(10)], model.backbone, model.embed, eval_args("--batch-size", "4"))
+    assert split.feats.dtype == torch.float16 and split.emb.dtype == torch.float16 and split.raw.dtype == torch.uint8
+    assert split.nbytes() == 10 * 512 * 2 + 10 * 16 * 2 + 10 * 64 + 10 * 8
+    assert torch.equal(split.raw, x.flatten(1))          # the eval view itself: 8 px, decoded once
+    assert split.labels.tolist() == [i % 2 for i in range(10)]
 
 
 # ----------------------------------------------------------------------------- mislabels
@@ -298,19 +293,16 @@ def test_end_to_end_checkpoint_writes_every_report_file(tiny_run, capsys):
     out = tiny_run / "eval"
     res = ev.main(["--checkpoint", str(tiny_run / "checkpoint.pth"), "--train-subset", "200", "--test-subset", "100",
                    "--workers", "0", "--probe-epochs", "5", "--knn-k", "5,20", "--grid-clusters", "4",
-                   "--kmeans-redo", "1", "--semi", "10", "--semi-epochs", "1", "--semi-batch-size", "16"])
+                   "--kmeans-redo", "1"])
     loaded = check_outputs(out, res, n_grids=4)
     with Image.open(out / "k_per_epoch.png") as im:
         im.verify()
     assert loaded["report"]["k_history"] == {"1": 12, "2": 11}
     assert loaded["split"]["train"] == 200 and loaded["split"]["test"] == 100
     assert set(loaded["knn"]["top1"]) == {"5", "20"}
-    for v in [loaded["linear_probe"]["top1"], loaded["semi"]["10"]["top1"], loaded["raw_pixels"]["knn_top1"]["20"],
+    for v in [loaded["linear_probe"]["top1"], loaded["raw_pixels"]["knn_top1"]["20"],
               loaded["kmeans"]["hungarian_acc"], loaded["learned_clusters"]["ami"]] + list(loaded["knn"]["top1"].values()):
         assert 0.0 <= v <= 1.0
-    ytr = data.subset(data.load_dataset("fashion-mnist", "", "train"), 200, 0).targets.numpy()
-    expect = sum(max(1, round(0.1 * n)) for n in np.bincount(ytr))   # 10% of each class, at least one
-    assert loaded["semi"]["10"]["labels"] == expect
     assert loaded["raw_pixels"]["knn_top1"]["20"] > 0.5         # real images: the raw-pixel floor is far above chance
     assert loaded["backbone_unchanged"] is True
     assert loaded["learned_clusters"]["split"] == "test" and loaded["report"]["split"] == "train"
@@ -353,7 +345,6 @@ def test_bench_mislabels_scores_both_votes(tiny_run):
     (["--checkpoint", "/nonexistent/checkpoint.pth"], "no such file"),
     (["--backbone", "/nonexistent/backbone.pth"], "no such file"),
     (["--checkpoint", "x.pth", "--knn-k", "abc"], "--knn-k"),
-    (["--checkpoint", "x.pth", "--semi", "1,10", "--semi-split-file", "a.txt"], "--semi-split-file"),
     (["--checkpoint", "x.pth", "--backbone", "y.pth"], "not allowed with"),
 ])
 def test_errors_are_one_line_exit_2(argv, msg, capsys):
@@ -398,7 +389,7 @@ def test_unreadable_image_in_a_worker_is_one_line_error(tmp_path, capsys):
     torch.save(net.state_dict(), tmp_path / "bb.pth")
     with pytest.raises(SystemExit) as e:
         ev.main(["--backbone", str(tmp_path / "bb.pth"), "--data", "folder", "--data-dir", str(tmp_path),
-                 "--img-size", "8", "--workers", "1", "--out-dir", str(tmp_path / "eval")])
+                 "--img-size", "8", "--workers", "1", "--knn-k", "2", "--out-dir", str(tmp_path / "eval")])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].startswith("evaluate.py: error: cannot read image") and "broken.png" in err[-1]
     assert not any("Traceback" in line for line in err)

@@ -3,18 +3,19 @@ ImageNet: the feature pass and evaluate.py must not cut it into single-class bat
 batch-statistics BN each batch would lose its class's mean, the signal the mixture must
 find), and the ImageNet preset must train, resume and evaluate under torchrun on it."""
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import types
 
-import pytest
 import torch
 
 import data
 import evaluate as ev
 import train
+import utils
 from conftest import needs_fmnist, write_class_folder
 from model import SiamMM
 
@@ -72,13 +73,14 @@ def test_evaluate_embeds_like_the_feature_pass_and_keeps_the_data_set_order(sort
     ds = data.load_dataset("folder", sorted_folder, "train", data.eval_transform("folder", 16))
     args = pass_args()
     z, idx = train.feature_pass(model, train.feature_loader(ds, args), args)
-    eargs = types.SimpleNamespace(batch_size=40, seed=0, workers=0)
-    f, emb, labels = ev.extract_features(ev.loader_for(ds, eargs, CPU), "folder", model.backbone,
-                                         lambda x: model.embed(x, "batch"), CPU)
-    assert labels.tolist() == ds.targets
-    assert torch.equal(emb[idx], z)
+    eargs = ev.get_args(["--backbone", "unused.pth", "--workers", "0", "--batch-size", "40", "--raw-size", "16"])
+    eargs.data, eargs.img_size = "folder", 16
+    split = ev.extract(ds, model.backbone, lambda x: model.embed(x, "batch"), utils.setup_distributed(eargs))
+    assert split.labels.tolist() == ds.targets
+    assert torch.equal(split.emb[idx], z.half())
     ordered = torch.stack([ds[i][0] for i in range(8)])         # eval-mode backbone: order-free
-    assert torch.allclose(f[:8], model.backbone(data.to_input(ordered, "folder", CPU)), atol=1e-5)
+    assert torch.allclose(split.feats[:8].float(), model.backbone(data.to_input(ordered, "folder", CPU)), atol=1e-2)
+    assert torch.equal(split.raw[:8], ordered.flatten(1))      # raw pixels of the same view, in order
 
 
 def free_port():
@@ -99,7 +101,8 @@ def test_imagenet_preset_under_torchrun_on_a_sorted_jpeg_folder(tmp_path):
     """The ImageNet preset (ResNet-50 at 224 px, LARS, K0, PCA kappa, merging), changed only
     in batch, K0, head width and epochs, on 4 classes x 4 real JPEGs listed class by class:
     2 gloo processes cluster exactly as 1 process does in the first epoch (the same features
-    on any number of processes), stop, resume, and evaluate.py reads the checkpoint."""
+    on any number of processes), stop, resume, and evaluate.py measures the checkpoint on 2
+    processes exactly as on one."""
     folder = write_class_folder(tmp_path / "imgs", 4, 2, classes=4, fmt="jpg", size=64)
     flags = ["--preset", "imagenet-100ep", "--data-dir", folder, "--batch-size", "8", "--num-clusters", "6",
              "--proj-hidden", "64", "--pred-hidden", "64", "--epochs", "2",
@@ -119,7 +122,17 @@ def test_imagenet_preset_under_torchrun_on_a_sorted_jpeg_folder(tmp_path):
     assert "resumed from" in res.stdout
     ckpt = torch.load(os.path.join(two, "checkpoint.pth"), weights_only=False)
     assert ckpt["epoch"] == 2 and len(ckpt["rng"]) == 2
-    out = ev.main(["--checkpoint", os.path.join(two, "checkpoint.pth"), "--workers", "0", "--probe-epochs", "2",
-                   "--grid-clusters", "2", "--kmeans-redo", "1", "--batch-size", "8"])
+    # evaluate.py, Table 3's command, on 2 processes (each embeds its share) and on one
+    eval_flags = ["--checkpoint", os.path.join(two, "checkpoint.pth"), "--workers", "0", "--probe-epochs", "2",
+                  "--grid-clusters", "2", "--kmeans-redo", "1", "--batch-size", "4", "--knn-k", "5"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", os.path.join(ROOT, "evaluate.py")] + eval_flags + ["--out-dir", str(tmp_path / "e2")]
+    res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(tmp_path / "e2" / "results.json") as f:
+        two_procs = json.load(f)
+    out = ev.main(eval_flags + ["--out-dir", str(tmp_path / "e1")])
     assert out["split"]["train"] == 16 and out["split"]["test"] == 8 and out["backbone_unchanged"]
-    assert out["learned_clusters"]["K"] >= 1 and 0 <= out["knn"]["top1"]["20"] <= 1
+    assert out["learned_clusters"]["K"] >= 1 and 0 <= out["knn"]["top1"]["5"] <= 1
+    assert two_procs["device"] == "2 x cpu" and two_procs["knn"] == out["knn"]
+    assert two_procs["learned_clusters"] == out["learned_clusters"] and two_procs["raw_pixels"] == out["raw_pixels"]

@@ -1,0 +1,157 @@
+"""lincls.py, the paper's Table 1 (MoCo v3's linear protocol) and Table 2 (SimCLR's
+semi-supervised fine-tuning): the label subsets, and the protocols end to end on a real
+class-sorted image folder, on 1 and 2 gloo processes, stopped and resumed."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import lincls
+import utils
+from conftest import needs_fmnist
+from model import SiamMM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_balanced_subset_is_class_balanced_seeded_and_nested():
+    labels = np.repeat(np.arange(5), [100, 200, 300, 50, 7])
+    one, ten = lincls.balanced_subset(labels, 1, seed=3), lincls.balanced_subset(labels, 10, seed=3)
+    assert np.bincount(labels[one]).tolist() == [1, 2, 3, 1, 1]       # round(1%), at least one
+    assert np.bincount(labels[ten]).tolist() == [10, 20, 30, 5, 1]
+    assert set(one) <= set(ten) and len(set(ten)) == len(ten)
+    assert np.array_equal(ten, lincls.balanced_subset(labels, 10, seed=3))
+    assert not np.array_equal(ten, lincls.balanced_subset(labels, 10, seed=4))
+
+
+def test_split_file_subset_matches_file_names(tmp_path):
+    for cls in ("a", "b"):
+        os.makedirs(tmp_path / "train" / cls)
+        for i in range(3):
+            Image.new("RGB", (4, 4)).save(tmp_path / "train" / cls / f"{cls}_{i}.JPEG")
+    ds = data.load_dataset("folder", str(tmp_path), "train")
+    (tmp_path / "1percent.txt").write_text("b_2.JPEG\na_0.JPEG\n")
+    idx = lincls.split_file_subset(ds, str(tmp_path / "1percent.txt"))
+    assert [os.path.basename(ds.samples[i][0]) for i in idx] == ["a_0.JPEG", "b_2.JPEG"]
+    (tmp_path / "bad.txt").write_text("zzz.JPEG\n")
+    with pytest.raises(utils.UserError, match="zzz.JPEG"):
+        lincls.split_file_subset(ds, str(tmp_path / "bad.txt"))
+
+
+def test_seeded_views_do_not_depend_on_the_process_rng():
+    """An image's augmentation in an epoch is a function of (seed, epoch, index) alone: the
+    same in any process or worker, whatever the global RNG state, and different per epoch."""
+    img = Image.fromarray((np.arange(28 * 28) % 251).astype(np.uint8).reshape(28, 28))
+    ds = lincls.SeededViews(types_ds([img] * 3), lincls.train_transform(_ns(img_size=16, crop_min=0.08)), seed=0)
+    torch.manual_seed(1)
+    a = [ds[i][0] for i in range(3)]
+    torch.manual_seed(2)
+    b = [ds[i][0] for i in range(3)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], a[1])                      # another image index, another view
+    ds.epoch = 1
+    assert not torch.equal(ds[0][0], a[0])                  # another epoch, another view
+    state = torch.get_rng_state()
+    ds[0]
+    assert torch.equal(state, torch.get_rng_state())        # the caller's RNG is left as it was
+
+
+def _ns(**kw):
+    import types
+    return types.SimpleNamespace(**kw)
+
+
+def types_ds(images):
+    class DS(torch.utils.data.Dataset):
+        targets = [0] * len(images)
+
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return images[i], 0, i
+    return DS()
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, sorted_folder):
+    """A train.py-format checkpoint of an untrained narrow resnet18 for 3-channel 16 px images."""
+    d = tmp_path_factory.mktemp("pre")
+    torch.manual_seed(0)
+    model = SiamMM("resnet18", True, 3, 32, 32, 16, width=8)
+    targs = dict(data="folder", data_dir=sorted_folder, arch="resnet18", small_stem=True, width=8, img_size=16,
+                 proj_hidden=32, pred_hidden=32, dim=16, crop_min=0.2, feature_bn="batch")
+    torch.save({"model": model.state_dict(), "mixture": None, "epoch": 1, "args": targs}, d / "checkpoint.pth")
+    return d / "checkpoint.pth"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# 200 train images (4 classes, listed class by class), 40 val; global batch 40: 5 steps an epoch
+FLAGS = ["--batch-size", "40", "--epochs", "3", "--workers", "0", "--lr", "0.5"]
+
+
+@needs_fmnist
+def test_linear_protocol_two_processes_equal_one_resume_exactly_and_keep_the_backbone(pretrained, tmp_path):
+    one, two, part = (str(tmp_path / n) for n in ("one", "two", "part"))
+    res = lincls.main(["--checkpoint", str(pretrained), "--out-dir", one] + FLAGS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", os.path.join(ROOT, "lincls.py"), "--checkpoint", str(pretrained),
+           "--out-dir", two] + FLAGS
+    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a = torch.load(os.path.join(one, "checkpoint.pth"), weights_only=False)
+    b = torch.load(os.path.join(two, "checkpoint.pth"), weights_only=False)
+    # the same views, the same global batches: the fc of 2 processes is the fc of 1
+    assert torch.allclose(a["model"]["fc.weight"], b["model"]["fc.weight"], atol=1e-5)
+    assert torch.allclose(a["model"]["fc.bias"], b["model"]["fc.bias"], atol=1e-5)
+    with open(os.path.join(two, "results.json")) as f:
+        two_res = json.load(f)
+    assert two_res["top1"] == pytest.approx(res["top1"]) and two_res["processes"] == 2
+    # the backbone is bit-identical to the pre-trained one (MoCo v3's sanity check, in the file)
+    pre = torch.load(pretrained, weights_only=False)["model"]
+    for k, v in a["model"].items():
+        if not k.startswith("fc."):
+            assert torch.equal(v, pre["backbone." + k]), k
+    # stopped after epoch 1 and resumed: the uninterrupted run's fc, exactly
+    lincls.main(["--checkpoint", str(pretrained), "--out-dir", part, "--stop-after-epoch", "1"] + FLAGS)
+    lincls.main(["--checkpoint", str(pretrained), "--out-dir", part, "--resume", "auto"] + FLAGS)
+    c = torch.load(os.path.join(part, "checkpoint.pth"), weights_only=False)
+    assert torch.equal(a["model"]["fc.weight"], c["model"]["fc.weight"])
+    with open(os.path.join(part, "log.jsonl")) as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3]
+    assert 0.0 <= res["top1"] <= res["top5"] <= 1.0 and res["best_top1"] >= res["top1"]
+
+
+@needs_fmnist
+def test_semi_supervised_finetuning_under_torchrun(pretrained, tmp_path):
+    """Table 2's protocol on 2 gloo processes: 10% of the labels (5 per class here), the
+    whole network trained, top-1 / top-5 on val."""
+    out_dir = str(tmp_path / "ft")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", os.path.join(ROOT, "lincls.py"), "--checkpoint", str(pretrained),
+           "--out-dir", out_dir, "--mode", "finetune", "--labels", "10", "--epochs", "2", "--batch-size", "8",
+           "--workers", "0"]
+    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(os.path.join(out_dir, "results.json")) as f:
+        res = json.load(f)
+    assert res["mode"] == "finetune" and res["labelled_images"] == 20 and res["processes"] == 2
+    assert 0.0 <= res["top1"] <= res["top5"] <= 1.0
+    ckpt = torch.load(os.path.join(out_dir, "checkpoint.pth"), weights_only=False)
+    pre = torch.load(pretrained, weights_only=False)["model"]
+    assert not torch.equal(ckpt["model"]["conv1.weight"], pre["backbone.conv1.weight"])   # fine-tuned, not frozen
