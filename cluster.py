@@ -39,6 +39,7 @@ import faiss
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------- processes
@@ -114,15 +115,15 @@ def knn_search(queries, database, k, device=None):
     return index.search(q, k)
 
 
-def torch_search(queries, database, k, device, budget=2 ** 28, exclude_self=False, normalize=False):
+def torch_search(queries, database, k, device, budget=2 ** 28, exclude_self=False, normalize=False, desc=None):
     """knn_search with torch, exact, in fp32 with TF32 off (its 10-bit mantissa would blur
     near ties): blocks of database rows, each converted to fp32 on `device` once, times
     chunks of queries, each similarity block at most `budget` floats (1 GiB), with a running
     top-k. The database may be a half-precision tensor (evaluate.py keeps its features so)
     and is never copied whole. exclude_self: the queries are the database's own rows, in
     order, and no row finds itself (a leave-one-out search). normalize: L2-normalise rows
-    and queries as they are taken (cosine search over unnormalised features). Returns
-    (sims, ids), numpy."""
+    and queries as they are taken (cosine search over unnormalised features). desc: show a
+    progress bar under this name. Returns (sims, ids), numpy."""
     db, q = torch.as_tensor(database), torch.as_tensor(queries)
     nq, ndb = q.shape[0], db.shape[0]
     k = min(k, ndb - 1 if exclude_self else ndb)
@@ -132,6 +133,7 @@ def torch_search(queries, database, k, device, budget=2 ** 28, exclude_self=Fals
     chunk = max(1, budget // block)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
+    bar = tqdm(total=math.ceil(ndb / block) * math.ceil(nq / chunk), desc=desc, leave=False, disable=desc is None)
     try:
         for b0 in range(0, ndb, block):
             rows = db[b0:b0 + block].to(device=device, dtype=torch.float32)
@@ -147,8 +149,10 @@ def torch_search(queries, database, k, device, budget=2 ** 28, exclude_self=Fals
                 v, pick = torch.cat([best_v[s:s + chunk], v], 1).topk(k, dim=1)
                 best_i[s:s + chunk] = torch.cat([best_i[s:s + chunk], j + b0], 1).gather(1, pick)
                 best_v[s:s + chunk] = v
+                bar.update(1)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+        bar.close()
     return best_v.cpu().numpy(), best_i.cpu().numpy()
 
 

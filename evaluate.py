@@ -29,9 +29,8 @@ kept in half precision (5.2 GB for the train split), raw pixels in uint8 (3.9 GB
 and no stage copies them whole. A stage that would not fit in memory or would take hours
 on this device stops at the start with one line naming the flag that avoids it.
 
-Everything goes to OUT_DIR (default: <folder of the checkpoint>/eval): results.json,
-k_per_epoch.png, clusters/cluster_*.png, mislabels.csv, mislabels.png; a summary table
-goes to stdout.
+Output in OUT_DIR (default: <checkpoint folder>/eval): results.json, the report's figures
+and mislabels.csv; a summary table on stdout.
 """
 
 import argparse
@@ -55,12 +54,9 @@ from tqdm import tqdm
 import data
 import report
 import utils
-from cluster import flat_ip_index, torch_search
+from cluster import faiss_has_gpu, flat_ip_index, torch_search
 import model as model_lib
 from utils import UserError, autocast
-
-MAX_HOURS = 1.0   # a stage estimated to take longer on this device stops the run before it starts
-
 
 # ----------------------------------------------------------------------------- config
 def get_args(argv=None):
@@ -198,45 +194,30 @@ def extract(ds, backbone, embed, args, desc="features"):
 
 
 # ----------------------------------------------------------------------------- cost, before anything runs
-def check_cost(what, flops, flag, args):
-    """Stop now, with one line naming `flag`, when a stage would take more than MAX_HOURS on
-    this device. Conservative rates: 20 TFLOP/s on a GPU, 20 GFLOP/s per CPU thread."""
-    rate = 2e13 if args.dev.type == "cuda" else 2e10 * torch.get_num_threads()
-    hours = flops / rate / 3600
-    if hours > MAX_HOURS:
-        raise UserError(f"{what} would take about {hours:.0f} h on {args.dev} ({flops / 1e12:.0f} TFLOP): {flag}")
-
-
-def check_memory(nbytes, what, flag):
-    """Stop now when the splits would not fit in this machine's memory."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if nbytes > 0.8 * total:
-        raise UserError(f"{what} needs about {nbytes / 2 ** 30:.1f} GiB, this machine has {total / 2 ** 30:.1f} GiB: {flag}")
-
-
 def plan(n_train, n_test, feat_dim, emb_dim, num_classes, args):
     """The costs of the stages asked for, checked before the first image is decoded."""
     side = raw_side(args)
     raw_dim = data.SPECS[args.data].channels * side * side
     row = 2 * feat_dim + 2 * emb_dim + (0 if args.no_raw else raw_dim) + 8
-    check_memory((n_train + n_test) * row, f"keeping {n_train + n_test:,} images' features", "use --train-subset"
-                 + ("" if args.no_raw else ", or --no-raw"))
+    utils.check_memory((n_train + n_test) * row, f"keeping {n_train + n_test:,} images' features",
+                       "use --train-subset" + ("" if args.no_raw else ", or --no-raw"))
     n_report = n_train if args.report_split == "train" else n_test
     n_metrics = n_train if args.metrics_split == "train" else n_test
-    check_cost(f"kNN of {n_test:,} images among {n_train:,}", 2 * n_test * n_train * feat_dim,
-               "use --train-subset or --test-subset", args)
+    kmeans_dev = args.dev if faiss_has_gpu() else torch.device("cpu")   # Faiss k-means: CPU without faiss-gpu
+    utils.check_cost(f"kNN of {n_test:,} images among {n_train:,}", 2 * n_test * n_train * feat_dim,
+                     "use --train-subset or --test-subset", args.dev)
     if args.mislabel_votes == "knn":
-        check_cost(f"the kNN mislabel vote over {n_report:,} {args.report_split} images",
-                   2 * n_report * n_report * feat_dim, "use --mislabel-votes cluster or --report-split test", args)
-    gpu_kmeans = args.dev.type == "cuda" and hasattr(faiss, "StandardGpuResources")
-    kmeans_args = args if gpu_kmeans else argparse.Namespace(dev=torch.device("cpu"))
-    check_cost(f"k-means (K = {num_classes}) on {n_metrics:,} features", 2 * 50 * args.kmeans_redo * n_metrics
-               * num_classes * feat_dim, "lower --kmeans-redo, or --metrics-split test", kmeans_args)
+        utils.check_cost(f"the kNN mislabel vote over {n_report:,} {args.report_split} images",
+                         2 * n_report * n_report * feat_dim, "use --mislabel-votes cluster or --report-split test",
+                         args.dev)
+    utils.check_cost(f"k-means (K = {num_classes}) on {n_metrics:,} features",
+                     2 * 50 * args.kmeans_redo * n_metrics * num_classes * feat_dim,
+                     "lower --kmeans-redo, or --metrics-split test", kmeans_dev)
     if not args.no_raw:
-        check_cost(f"raw-pixel kNN of {n_test:,} images among {n_train:,}", 2 * n_test * n_train * raw_dim,
-                   "add --no-raw, or lower --raw-size", args)
-        check_cost(f"raw-pixel k-means (K = {num_classes}) on {n_metrics:,} images",
-                   2 * 50 * args.kmeans_redo * n_metrics * num_classes * raw_dim, "add --no-raw", kmeans_args)
+        utils.check_cost(f"raw-pixel kNN of {n_test:,} images among {n_train:,}", 2 * n_test * n_train * raw_dim,
+                         "add --no-raw, or lower --raw-size", args.dev)
+        utils.check_cost(f"raw-pixel k-means (K = {num_classes}) on {n_metrics:,} images",
+                         2 * 50 * args.kmeans_redo * n_metrics * num_classes * raw_dim, "add --no-raw", kmeans_dev)
     return raw_dim
 
 
@@ -255,7 +236,7 @@ def knn_classify(train_feats, train_labels, test_feats, ks=(20,), T=0.07, num_cl
     labels = torch.as_tensor(train_labels).long()
     C = num_classes or int(labels.max()) + 1
     kmax = min(max(ks), len(labels))
-    sims, idx = torch_search(test_feats, train_feats, kmax, device, budget=chunk_elems, normalize=True)
+    sims, idx = torch_search(test_feats, train_feats, kmax, device, budget=chunk_elems, normalize=True, desc="kNN")
     sims, idx = torch.from_numpy(sims), torch.from_numpy(idx)
     out = {}
     for k in ks:
@@ -289,15 +270,11 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=100, lr=0
     Returns {"top1", "top5", "train_top1"} and the trained nn.Linear."""
     g = torch.Generator().manual_seed(seed)
     n = train_x.shape[0]
-    s1 = torch.zeros(train_x.shape[1], dtype=torch.float64)
-    s2 = torch.zeros_like(s1)
-    for s in range(0, n, 65536):
-        block = train_x[s:s + 65536].double()
-        s1 += block.sum(0)
-        s2 += block.square().sum(0)
-    mean = (s1 / n).float()
-    std = ((s2 - s1 ** 2 / n) / max(n - 1, 1)).clamp_min(0).sqrt().float().clamp_min(1e-6)
-    mean, std = mean.to(device), std.to(device)
+    blocks = [slice(s, s + 65536) for s in range(0, n, 65536)]
+    s1 = sum(train_x[b].double().sum(0) for b in blocks)               # mean and std a block at a time
+    s2 = sum(train_x[b].double().square().sum(0) for b in blocks)
+    mean = (s1 / n).float().to(device)
+    std = ((s2 - s1 ** 2 / n) / max(n - 1, 1)).clamp_min(0).sqrt().float().clamp_min(1e-6).to(device)
 
     def standardised(x, rows):
         return (x[rows].to(device).float() - mean) / std
@@ -322,10 +299,9 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=100, lr=0
             opt.step()
             step += 1
     with torch.no_grad():
-        test_pred = torch.cat([fc(standardised(test_x, torch.arange(s, min(s + 65536, len(test_x))))).topk(
-            min(5, num_classes), dim=1).indices.cpu() for s in range(0, len(test_x), 65536)])
-        train_pred = torch.cat([fc(standardised(train_x, torch.arange(s, min(s + 65536, n)))).argmax(1).cpu()
-                                for s in range(0, n, 65536)])
+        test_pred = torch.cat([fc(standardised(test_x, b)).topk(min(5, num_classes), dim=1).indices.cpu()
+                               for b in [slice(s, s + 65536) for s in range(0, len(test_x), 65536)]])
+        train_pred = torch.cat([fc(standardised(train_x, b)).argmax(1).cpu() for b in blocks])
     return {"top1": topk_accuracy(test_pred, yte, 1), "top5": topk_accuracy(test_pred, yte, 5),
             "train_top1": (train_pred == ytr.cpu()).float().mean().item()}, fc
 
@@ -472,8 +448,9 @@ def evaluate(args):
     plan(len(train_set), len(test_set), feat_dim, emb_dim, num_classes, args)
     if args.master:
         os.makedirs(os.path.join(out_dir, "clusters"), exist_ok=True)   # only once the data loads
+        kmeans_on = "the GPU" if args.dev.type == "cuda" and faiss_has_gpu() else "the CPU"
         print(f"evaluating {source_path} | {args.arch} on {args.data} | train {len(train_set)} -> test "
-              f"{len(test_set)} | {args.world_size} x {args.dev}")
+              f"{len(test_set)} | {args.world_size} x {args.dev} | k-means: Faiss on {kmeans_on}")
 
     # ---- decode every image once: features, momentum embeddings, raw pixels (sharded under torchrun)
     t0 = time.time()

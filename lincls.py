@@ -266,14 +266,7 @@ def run(args):
     args.out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(src)), name)
     train_loader, val_loader = loaders(args)
     model, digest = build_model(backbone, feat_dim, args)
-    if args.distributed and args.dev.type == "cuda" and args.mode == "finetune":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)   # BN over the global batch
-    model = model.to(args.dev)
-    if args.dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    raw = model
-    if args.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.dev.index] if args.dev.type == "cuda" else None)
+    model, raw = utils.distribute(model, args, sync_bn=args.mode == "finetune")   # linear: BN frozen in eval mode
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr * args.batch_size / 256, momentum=args.momentum,
                                 nesterov=args.mode == "finetune", weight_decay=args.weight_decay)

@@ -144,7 +144,7 @@ def knn_label_votes(feats, labels, k=20, T=0.07, num_classes=None, device=None):
     (the label with the most votes, the share of the image's own label in its votes)."""
     labels = np.asarray(labels)
     n, C = len(labels), num_classes or int(labels.max()) + 1
-    sims, ids = torch_search(feats, feats, k, device or "cpu", exclude_self=True, normalize=True)
+    sims, ids = torch_search(feats, feats, k, device or "cpu", exclude_self=True, normalize=True, desc="kNN vote")
     w = torch.from_numpy(np.exp((sims.astype(np.float64) - 1) / T))   # exp(cos / T), rescaled: no overflow
     nbr, own_label = torch.from_numpy(labels[ids]).long(), torch.from_numpy(labels).long()
     suggested, share = [], []

@@ -35,7 +35,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from tqdm import tqdm
 
 import data
@@ -578,14 +577,7 @@ def train(args):
     torch.manual_seed(args.seed + args.rank)  # then each rank draws its own augmentations
     np.random.seed(args.seed + args.rank)
     random.seed(args.seed + args.rank)
-    if args.distributed and args.dev.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)   # sec. 5.1 / MoCo v3: BN over the global batch
-    model = model.to(args.dev)
-    if args.dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    raw = model
-    if args.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.dev.index] if args.dev.type == "cuda" else None)
+    model, raw = utils.distribute(model, args)   # sec. 5.1 / MoCo v3: BN over the global batch
     optimizer = build_optimizer(raw.online_parameters(), args)
     scaler = torch.amp.GradScaler("cuda", enabled=args.dev.type == "cuda" and args.amp == "fp16")
     mixture = VMFMixture(args.dim, args.num_clusters, args.kappa, args.pca_dim, args.init_iters, args.kmeans_iters,

@@ -64,6 +64,23 @@ def check_flags(parser, args, positive=(), non_negative=(), fractions=()):
             parser.error(f"{name(k)} {v}: must lie in (0, 1]")
 
 
+# ----------------------------------------------------------------------------- cost, before a stage runs
+def check_cost(what, flops, flag, device, max_hours=1.0):
+    """Stop now, with one line naming `flag`, when a stage would take more than max_hours on
+    `device`. Conservative rates: 20 TFLOP/s on a GPU, 20 GFLOP/s per CPU thread."""
+    rate = 2e13 if device.type == "cuda" else 2e10 * torch.get_num_threads()
+    hours = flops / rate / 3600
+    if hours > max_hours:
+        raise UserError(f"{what} would take about {hours:.0f} h on {device} ({flops / 1e12:.0f} TFLOP): {flag}")
+
+
+def check_memory(nbytes, what, flag):
+    """Stop now when `nbytes` would not fit in this machine's memory."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > 0.8 * total:
+        raise UserError(f"{what} needs about {nbytes / 2 ** 30:.1f} GiB, this machine has {total / 2 ** 30:.1f} GiB: {flag}")
+
+
 # ----------------------------------------------------------------------------- processes
 def setup_distributed(args, timeout_min=30.0):
     """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `python x.py` is one process. Sets
@@ -95,6 +112,22 @@ def setup_distributed(args, timeout_min=30.0):
         dist.init_process_group("nccl" if args.dev.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_min))
     return args
+
+
+def distribute(model, args, sync_bn=True):
+    """The model on this process's device (channels_last on a GPU), and under torchrun
+    wrapped in DistributedDataParallel, its BatchNorms synchronised over all GPUs when
+    sync_bn (MoCo v3; CPU runs use gloo, where SyncBatchNorm does not run). Returns (the
+    model to call in training, the model itself)."""
+    if args.distributed and args.dev.type == "cuda" and sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(args.dev)
+    if args.dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if not args.distributed:
+        return model, model
+    ids = [args.dev.index] if args.dev.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids), model
 
 
 def is_dist_timeout(e):

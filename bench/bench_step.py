@@ -77,7 +77,7 @@ def main():
     # The feature pass (train.feature_pass): one momentum forward per image, batch-statistics
     # BN, at --feature-batch-size. Its images/s against the step's bound how much a SiamMM
     # epoch can cost over an instance-only one (1 + step time / pass time per image), before
-    # data loading and the E/M step (issue 6: paper 1.54x, target 1.10x).
+    # data loading and the E/M step (the paper measured 1.54x).
     F_B = args.feature_batch_size
     xf = torch.randn(F_B, c, args.img_size, args.img_size, device=dev)
     if dev.type == "cuda":

@@ -297,3 +297,21 @@ def test_nodes_without_a_shared_out_dir_stop_with_one_line(tmp_path):
         _, err = p.communicate(timeout=300)
         assert p.returncode != 0
         assert "train.py: error: the ranks see different checkpoints" in err and "rank 1: none" in err, err[-2000:]
+
+
+def test_fp16_resume_from_a_checkpoint_without_scaler_state():
+    """A bf16, fp32 or CPU run saves an empty GradScaler state; resuming it with --amp fp16
+    (an enabled scaler) used to raise "The source state dict is empty"."""
+    from cluster import VMFMixture
+    from model import SiamMM
+    args = train.get_args(TINY)
+    args.rank, args.master, args.dev = 0, False, torch.device("cpu")
+    model = SiamMM("resnet18", True, 1, 32, 32, 16, width=16)
+    opt = train.build_optimizer(model.online_parameters(), args)
+    ckpt = {"args": vars(args) | {"width": 16}, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "mixture": None, "epoch": 3,
+            "rng": [utils.rng_state(torch.device("cpu"))]}
+    assert ckpt["scaler"] == {}
+    scaler = torch.amp.GradScaler("cpu", enabled=True)          # what an fp16 run builds (on CUDA)
+    start = train.resume(ckpt, "ckpt.pth", model, opt, scaler, VMFMixture(16, 24), args)
+    assert start == 3 and scaler.get_scale() == 65536.0          # a fresh scaler, its default scale
