@@ -1,5 +1,5 @@
 """
-Data for train.py, evaluate.py and linear.py: one place, so that every program reads a data
+Data for train.py, evaluate.py and lincls.py: one place, so that every program reads a data
 set the same way. What differs between data sets (channels, normalisation, sizes, where the
 files live) is in SPECS and load_dataset, nowhere else.
 
@@ -54,12 +54,17 @@ NAMES = list(SPECS)
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
 def _read_idx(path):
+    """An idx file (Fashion-MNIST's format: a magic number, the shape, then uint8 values)."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        ndim = data[3]
+        shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, EOFError, IndexError, ValueError) as e:   # empty, truncated or not an idx file
+        raise UserError(f"cannot read {path} ({e}): it is empty or truncated; reinstall "
+                        "dataset-fashion-mnist or download it again") from None
 
 
 def _find_idx(root, stem):
@@ -250,14 +255,6 @@ def eval_transform(name, size):
     if not SPECS[name].centre_crop:
         return T.Compose([T.Resize(size), T.PILToTensor()])
     return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.PILToTensor()])
-
-
-def raw_transform(name, size=None):
-    """Raw pixels in uint8, no normalisation: the baselines' input. Fashion-MNIST at its
-    native 28 x 28; folders as a centre crop of size x size (a quarter of float32's memory:
-    ImageNet's 1.28M images at 32 px are 3.9 GB)."""
-    size = size or SPECS[name].raw_size
-    return T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
 
 
 # ----------------------------------------------------------------------------- batches and subsets

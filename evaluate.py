@@ -40,7 +40,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -54,7 +53,7 @@ from tqdm import tqdm
 import data
 import report
 import utils
-from cluster import faiss_has_gpu, flat_ip_index, torch_search
+from cluster import VMFMixture, nearest_centroid, torch_search
 import model as model_lib
 from utils import UserError, autocast
 
@@ -114,6 +113,8 @@ def get_args(argv=None):
         p.error(f"--knn-k {args.knn_k!r}: expected comma-separated integers such as 10,20,100,200")
     if not args.knn_k or min(args.knn_k) < 1:
         p.error("--knn-k needs positive integers")
+    if args.batch_size < 2:
+        p.error(f"--batch-size {args.batch_size}: at least 2 (the momentum embedding normalises with batch statistics)")
     utils.check_flags(p, args, positive=("knn_t", "probe_lr", "batch_size", "probe_batch_size", "grid_cols",
                                          "kmeans_redo", "raw_size", "img_size", "dist_timeout"),
                       non_negative=("train_subset", "test_subset", "probe_epochs", "grid_clusters", "mislabel_show",
@@ -147,7 +148,7 @@ def loader_for(ds, args, rank=0, world_size=1):
     processes."""
     return torch.utils.data.DataLoader(ds, batch_sampler=data.feature_batches(len(ds), args.batch_size, rank,
                                                                               world_size, args.seed),
-                                       num_workers=args.workers, pin_memory=torch.cuda.is_available())
+                                       num_workers=args.workers, pin_memory=args.dev.type == "cuda")
 
 
 def raw_side(args):
@@ -173,7 +174,7 @@ def extract(ds, backbone, embed, args, desc="features"):
         x = x.to(args.dev, non_blocking=True)
         xin = data.to_input(x, args.data, args.dev)
         with autocast(args.dev):
-            rows["feats"].append(backbone(xin).half().cpu())
+            rows["feats"].append(backbone(xin).float().clamp(-65504, 65504).half().cpu())   # fp16's range
             if embed is not None:
                 rows["emb"].append(embed(xin).half().cpu())
         if side is not None:
@@ -203,21 +204,23 @@ def plan(n_train, n_test, feat_dim, emb_dim, num_classes, args):
                        "use --train-subset" + ("" if args.no_raw else ", or --no-raw"))
     n_report = n_train if args.report_split == "train" else n_test
     n_metrics = n_train if args.metrics_split == "train" else n_test
-    kmeans_dev = args.dev if faiss_has_gpu() else torch.device("cpu")   # Faiss k-means: CPU without faiss-gpu
+    kmeans = 2 * 50 * args.kmeans_redo * num_classes   # FLOP per image and dimension: 50 Lloyd iterations a restart
     utils.check_cost(f"kNN of {n_test:,} images among {n_train:,}", 2 * n_test * n_train * feat_dim,
                      "use --train-subset or --test-subset", args.dev)
     if args.mislabel_votes == "knn":
         utils.check_cost(f"the kNN mislabel vote over {n_report:,} {args.report_split} images",
                          2 * n_report * n_report * feat_dim, "use --mislabel-votes cluster or --report-split test",
                          args.dev)
-    utils.check_cost(f"k-means (K = {num_classes}) on {n_metrics:,} features",
-                     2 * 50 * args.kmeans_redo * n_metrics * num_classes * feat_dim,
-                     "lower --kmeans-redo, or --metrics-split test", kmeans_dev)
+    utils.check_cost(f"k-means (K = {num_classes}) on {n_metrics:,} features", kmeans * n_metrics * feat_dim,
+                     "lower --kmeans-redo, or use --test-subset", args.dev)
+    if not emb_dim:   # an exported backbone has no mixture: the report clusters its split with k-means
+        utils.check_cost(f"k-means (K = {num_classes}) on the {n_report:,} {args.report_split} images of the report",
+                         kmeans * n_report * feat_dim, "use --report-split test, or lower --kmeans-redo", args.dev)
     if not args.no_raw:
         utils.check_cost(f"raw-pixel kNN of {n_test:,} images among {n_train:,}", 2 * n_test * n_train * raw_dim,
                          "add --no-raw, or lower --raw-size", args.dev)
         utils.check_cost(f"raw-pixel k-means (K = {num_classes}) on {n_metrics:,} images",
-                         2 * 50 * args.kmeans_redo * n_metrics * num_classes * raw_dim, "add --no-raw", kmeans_dev)
+                         kmeans * n_metrics * raw_dim, "add --no-raw", args.dev)
     return raw_dim
 
 
@@ -337,20 +340,19 @@ def cluster_metrics(labels, clusters):
 
 def spherical_kmeans(feats, k, seed=0, niter=50, nredo=5, device=None):
     """k-means on the unit sphere (cosine, the geometry the model is trained in; Euclidean
-    k-means on unnormalised features would weigh each image by its norm) with Faiss, on all
-    points (no subsampling), best objective of nredo seeded restarts (one bar step each).
-    Returns (assignments, K x D centroids)."""
-    x = np.ascontiguousarray(F.normalize(torch.as_tensor(feats).float(), dim=1).numpy())
-    best = None
+    k-means on unnormalised features would weigh each image by its norm): the training's own
+    Lloyd iterations (cluster.VMFMixture, whose searches run on this process's GPU with or
+    without faiss-gpu), on all points, from a random init, best objective of nredo seeded
+    restarts (one bar step each). Returns (assignments, K x D centroids)."""
+    x = torch.nn.functional.normalize(torch.as_tensor(feats).float(), dim=1)
+    n, best = len(x), None
     for r in tqdm(range(nredo), desc=f"k-means K={k}", leave=False):
-        km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed + r,
-                          max_points_per_centroid=max(256, x.shape[0]), verbose=False)
-        km.index = flat_ip_index(x.shape[1], device)   # this process's GPU only (gpu=True takes every one)
-        km.train(x)
-        if best is None or km.obj[-1] > best.obj[-1]:   # spherical: the objective is a sum of cosines
+        km = VMFMixture(x.shape[1], k, kappa_mode="const", init_iters=niter, seed=seed + r, device=device)
+        km.fit(x, torch.arange(n), n)
+        if best is None or km.objective > best.objective:   # the mean cosine to the centroids
             best = km
-    _, ids = best.index.search(x, 1)
-    return ids[:, 0].astype(np.int64), torch.from_numpy(best.centroids.copy())
+    _, ids = nearest_centroid(x.numpy(), best.centroids.numpy(), device)
+    return ids.astype(np.int64), best.centroids
 
 
 def pixel_kmeans(pixels, k, seed=0, n_init=10):
@@ -394,7 +396,7 @@ def clusters(split, mixture, num_classes, args):
     backbone features (Hungarian accuracy), and the learned clusters: each image's momentum
     embedding to its nearest centroid of the checkpoint's mixture."""
     km_ids, _ = spherical_kmeans(split.feats, num_classes, args.seed, nredo=args.kmeans_redo, device=args.dev)
-    kmeans = {"split": args.metrics_split, "method": "faiss spherical k-means on L2-normalised backbone features",
+    kmeans = {"split": args.metrics_split, "method": "spherical k-means on L2-normalised backbone features",
               "redo": args.kmeans_redo} | cluster_metrics(split.labels.numpy(), km_ids)
     learned = None
     if mixture is not None:
@@ -413,7 +415,7 @@ def raw_baselines(train, test, metric, num_classes, args):
     preds = knn_classify(train.raw, train.labels, test.raw, args.knn_k, args.knn_t, num_classes, device=args.dev)
     ids, _ = spherical_kmeans(metric.raw, num_classes, args.seed, nredo=args.kmeans_redo, device=args.dev)
     out = {"side": raw_side(args), "knn_top1": {str(k): topk_accuracy(p, test.labels, 1) for k, p in preds.items()},
-           "kmeans": {"split": args.metrics_split, "method": "faiss spherical k-means on L2-normalised pixels"}
+           "kmeans": {"split": args.metrics_split, "method": "spherical k-means on L2-normalised pixels"}
            | cluster_metrics(metric.labels.numpy(), ids)}
     n, dim = metric.raw.shape
     if 2 * 10 * 100 * n * num_classes * dim / (2e10 * torch.get_num_threads()) < 600:
@@ -442,28 +444,29 @@ def evaluate(args):
     classes = getattr(train_set, "classes", None)
     num_classes = len(classes) if classes else int(max(torch.as_tensor(train_set.targets).max(),
                                                            torch.as_tensor(test_set.targets).max())) + 1
+    if min(len(train_set), len(test_set)) < 2:
+        raise UserError(f"the splits hold {len(train_set)} train and {len(test_set)} val images: both need at least 2")
     if max(args.knn_k) > len(train_set) - 1:
         raise UserError(f"--knn-k {max(args.knn_k)} needs more than the {len(train_set)} train images: use a smaller k")
     emb_dim = train_args.get("dim", 0) if embed is not None else 0
     plan(len(train_set), len(test_set), feat_dim, emb_dim, num_classes, args)
     if args.master:
         os.makedirs(os.path.join(out_dir, "clusters"), exist_ok=True)   # only once the data loads
-        kmeans_on = "the GPU" if args.dev.type == "cuda" and faiss_has_gpu() else "the CPU"
         print(f"evaluating {source_path} | {args.arch} on {args.data} | train {len(train_set)} -> test "
-              f"{len(test_set)} | {args.world_size} x {args.dev} | k-means: Faiss on {kmeans_on}")
+              f"{len(test_set)} | {args.world_size} x {args.dev}")
 
     # ---- decode every image once: features, momentum embeddings, raw pixels (sharded under torchrun)
     t0 = time.time()
     train = extract(train_set, backbone, embed, args, "features train")
     test = extract(test_set, backbone, embed, args, "features test")
     times["features"] = time.time() - t0
-    if not args.master:   # the other ranks' part ends with the features
-        dist.barrier()
+    if args.distributed:   # the other ranks' part ends with the features; rank 0 goes on alone
         dist.destroy_process_group()
+    if not args.master:
         return None
 
     knn, probe = representation(train, test, num_classes, args, times)
-    metric, rsplit = (train, train_set) if args.metrics_split == "train" else (test, test_set)
+    metric = train if args.metrics_split == "train" else test
     t0 = time.time()
     kmeans, learned = clusters(metric, mixture, num_classes, args)
     times["clusters"] = time.time() - t0
@@ -511,18 +514,11 @@ def evaluate(args):
     with open(res["results_path"], "w") as f:
         json.dump(res, f, indent=1)
     print(report.summary_table(res))
-    if args.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
     return res
 
 
 def main(argv=None):
-    args = get_args(argv)
-    try:
-        return evaluate(args)
-    except UserError as e:
-        utils.fail("evaluate.py", e)
+    return utils.guard("evaluate.py", evaluate, get_args(argv))
 
 
 if __name__ == "__main__":

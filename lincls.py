@@ -23,7 +23,8 @@ The CPU demo's checkpoint (Fashion-MNIST, 16 px views):
 
 Every image's augmentation is drawn from a generator seeded by (seed, epoch, image), so the
 views do not depend on the number of processes or loader workers: 1 and 8 GPUs train on the
-same views (with the same global batch), and a resumed run repeats the uninterrupted one.
+same views in the same global batches (when the data divide evenly over the processes:
+DistributedSampler pads the rest), and a resumed run repeats the uninterrupted one.
 Output in OUT_DIR (default: <checkpoint folder>/lincls or /finetune<labels>): checkpoint.pth
 (atomic, for --resume auto), log.jsonl (one line per epoch), results.json.
 """
@@ -117,7 +118,7 @@ class SeededViews(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, label, _ = self.ds[i]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 100003 + self.epoch) * 2 ** 31 + i)
+            torch.manual_seed(((self.seed * 100003 + self.epoch) * 2 ** 31 + i) % 2 ** 63)
             return self.transform(img), label, i
 
 
@@ -175,7 +176,10 @@ def loaders(args):
         args.num_labels = int(len(idx))
         train_set = data.IndexedSubset(train_set, torch.as_tensor(idx))
     views = SeededViews(train_set, train_transform(args), args.seed)
-    per_rank = max(1, args.batch_size // args.world_size)
+    if args.batch_size % args.world_size:
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of the number of processes "
+                        f"({args.world_size}): it is the global batch")
+    per_rank = args.batch_size // args.world_size
     sampler = torch.utils.data.DistributedSampler(views, args.world_size, args.rank, shuffle=True, seed=args.seed)
     train_loader = torch.utils.data.DataLoader(views, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
                                                pin_memory=args.dev.type == "cuda")
@@ -195,9 +199,8 @@ def build_model(backbone, feat_dim, args):
     backbone.fc = nn.Linear(feat_dim, args.num_classes)
     backbone.fc.weight.data.normal_(mean=0.0, std=0.01)
     backbone.fc.bias.data.zero_()
-    if args.mode == "linear":
-        for name, p in backbone.named_parameters():
-            p.requires_grad = name in ("fc.weight", "fc.bias")
+    for name, p in backbone.named_parameters():   # finetune: every weight (a momentum backbone came frozen)
+        p.requires_grad = args.mode == "finetune" or name in ("fc.weight", "fc.bias")
     digest = {k: v for k, v in utils.state_digest(backbone).items() if not k.startswith("fc.")}
     return backbone, digest
 
@@ -276,6 +279,8 @@ def run(args):
     path = os.path.join(args.out_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
         raise UserError(f"--resume {args.resume}: no such checkpoint")
+    if args.master and not (path and os.path.isfile(path)):   # a fresh run: no old run's lines in its log
+        utils.trim_log(os.path.join(args.out_dir, "log.jsonl"), 0)
     if path and os.path.isfile(path):
         ckpt = utils.load_checkpoint_file(path)
         try:
@@ -346,11 +351,7 @@ def sanity_check(model, digest):
 
 
 def main(argv=None):
-    args = get_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        utils.fail("lincls.py", e)
+    return utils.guard("lincls.py", run, get_args(argv))
 
 
 if __name__ == "__main__":

@@ -223,7 +223,8 @@ def load_pretrained(args, device):
         model, mixture, train_args = load_checkpoint(args)
         model = model.to(device)
         backbone = model.backbone if args.encoder == "online" else model.momentum_backbone
-        # the embedding exactly as train.py's feature pass made it (BN statistics included)
+        # the embedding as train.py's feature pass makes it: the same BN mode, and batches cut
+        # from a seeded permutation (evaluate.py's own --batch-size and --seed)
         feature_bn = train_args.get("feature_bn", "running")   # checkpoints older than the flag: running
         return backbone, model.feat_dim, (lambda x: model.embed(x, feature_bn)), mixture, train_args
     if args.encoder != "online":
@@ -288,8 +289,9 @@ def load_backbone(args):
         raise UserError(f"--backbone {path}: no such file")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read backbone {path}: {e}") from None
+    except Exception as e:   # a train.py checkpoint holds more than tensors (flags, RNG states)
+        hint = "; a train.py checkpoint? use --checkpoint" if "weights_only" in str(e) else ""
+        raise UserError(f"cannot read backbone {path}: {str(e).strip().splitlines()[0]}{hint}") from None
     if not isinstance(sd, dict) or "conv1.weight" not in sd:
         hint = " (a train.py checkpoint: use --checkpoint)" if isinstance(sd, dict) and "model" in sd else ""
         raise UserError(f"{path} is not a ResNet backbone state_dict (no conv1.weight){hint}")

@@ -495,6 +495,8 @@ def resume(ckpt, path, model, optimizer, scaler, mixture, args):
     --epochs), and a resumed run says which differ. The log is cut back to the checkpoint's
     epoch, so an epoch logged but not saved before a crash is not logged twice."""
     if ckpt is None:
+        if args.master:   # a fresh run: an old run's lines would mix into Fig. 2's K curve
+            utils.trim_log(os.path.join(args.out_dir, "log.jsonl"), 0)
         return 0
     saved = ckpt["args"]
     for k, was in (model_args(saved) | {"data": saved["data"]}).items():
@@ -515,7 +517,12 @@ def resume(ckpt, path, model, optimizer, scaler, mixture, args):
         scaler.load_state_dict(ckpt["scaler"])
     if ckpt["mixture"] is not None:
         mixture.load_state_dict(ckpt["mixture"])
-    utils.set_rng_state(ckpt["rng"][args.rank] if args.rank < len(ckpt["rng"]) else ckpt["rng"][0], args.dev)
+    if args.rank < len(ckpt["rng"]):
+        utils.set_rng_state(ckpt["rng"][args.rank], args.dev)
+    else:   # more processes than saved the checkpoint: a stream of its own, not a copy of rank 0's
+        torch.manual_seed(args.seed + args.rank + 1000 * ckpt["epoch"])
+        np.random.seed(args.seed + args.rank + 1000 * ckpt["epoch"])
+        random.seed(args.seed + args.rank + 1000 * ckpt["epoch"])
     if args.master:
         utils.trim_log(os.path.join(args.out_dir, "log.jsonl"), ckpt["epoch"])
         print(f"resumed from {path} at epoch {ckpt['epoch']}")
@@ -524,17 +531,10 @@ def resume(ckpt, path, model, optimizer, scaler, mixture, args):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    """Parse the flags and train; a problem a person can fix ends in one line (utils.fail)."""
+    """Parse the flags and train; a problem a person can fix ends in one line (utils.guard)."""
     args = get_args(argv)
     try:
-        return train(args)
-    except (UserError, ValueError) as e:
-        utils.fail("train.py", e)
-    except Exception as e:
-        if utils.is_dist_timeout(e):
-            utils.fail("train.py", f"rank {getattr(args, 'rank', 0)} waited {args.dist_timeout:g} min for the other "
-                       "processes: one of them stopped or was lost; see its log, then resume with --resume auto")
-        raise
+        return utils.guard("train.py", train, args)
     finally:
         if getattr(args, "lock", None):   # the process may go on (train.main called from Python)
             args.lock.close()
@@ -587,8 +587,11 @@ def train(args):
     if args.master:
         print(f"SiamMM | {args.arch} on {args.data} (N = {N}) | {args.world_size} x {args.dev.type} | "
               f"batch {args.batch_size} | {args.epochs} epochs | K0 = {args.num_clusters} | E-step search: {search_backend(args.dev)}")
-        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-            json.dump(saved_args(args), f, indent=1)
+        try:
+            with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+                json.dump(saved_args(args), f, indent=1)
+        except OSError as e:
+            raise UserError(f"cannot write {os.path.join(args.out_dir, 'args.json')}: {e.strerror}") from None
 
     # ---- the epochs: sec. 5.1's four steps
     for epoch in range(start_epoch, args.epochs):

@@ -1,5 +1,5 @@
 """
-Helpers that train.py, evaluate.py and linear.py share (DINO keeps the same kind in its
+Helpers that train.py, evaluate.py and lincls.py share (DINO keeps the same kind in its
 utils.py): errors for people, processes under torchrun, mixed precision, atomic
 checkpoints and RNG states. Nothing here is specific to SiamMM.
 """
@@ -28,13 +28,30 @@ class UserError(Exception):
 def fail(prog, msg):
     """One clear line for a person, no traceback, exit status 2 (as argparse does). An
     error raised in a DataLoader worker arrives wrapped in the worker's traceback: its last
-    line is the message itself."""
-    lines = str(msg).strip().splitlines() or ["unknown error"]
-    msg = lines[-1]
+    line is the message itself; any other message's first line is its gist."""
+    lines = [ln for ln in str(msg).strip().splitlines() if ln.strip()] or ["unknown error"]
+    msg = lines[-1] if "Traceback (most recent call last)" in str(msg) else lines[0]
     for prefix in ("utils.UserError: ", "UserError: "):
         msg = msg.removeprefix(prefix)
     print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def guard(prog, run, args):
+    """run(args), with every failure a person can cause ended in one line: a UserError, a
+    file or folder the run cannot read or write (OSError: permissions, a full disk), and a
+    collective that waited past --dist-timeout (a stopped or lost process)."""
+    try:
+        return run(args)
+    except (UserError, ValueError) as e:   # ValueError: a bad setting caught by the model, loss or mixture
+        fail(prog, e)
+    except OSError as e:
+        fail(prog, f"{e.filename or 'a file'}: {e.strerror or e}")
+    except Exception as e:
+        if is_dist_timeout(e):
+            fail(prog, f"rank {getattr(args, 'rank', 0)} waited {args.dist_timeout:g} min for the other processes: "
+                       "one of them stopped or was lost; see its log, then resume with --resume auto")
+        raise
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -97,6 +114,9 @@ def setup_distributed(args, timeout_min=30.0):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}, but torch sees no GPU: use --device cpu")
     args.distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if args.distributed and args.device.startswith("cuda:"):
+        raise UserError(f"--device {args.device} under torchrun would put every process on one GPU: "
+                        "use --device cuda (each process takes cuda:LOCAL_RANK)")
     args.rank, args.world_size, args.local_rank = 0, 1, 0
     if args.distributed:
         args.rank, args.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

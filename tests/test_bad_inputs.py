@@ -65,14 +65,14 @@ def test_damaged_checkpoint_on_resume(damage, tmp_path, capsys):
 
 
 @needs_fmnist
-def test_unwritable_out_dir_at_start_and_mid_run(tmp_path, capsys):
+def test_unwritable_out_dir_and_log(tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")                     # an out-dir that cannot be made
     msg = error_line(capsys, TINY + ["--out-dir", str(tmp_path / "a_file" / "run")])
     assert "cannot write to --out-dir" in msg
     out = tmp_path / "run"
-    (out / "log.jsonl").mkdir(parents=True)                   # the log cannot be written after epoch 1
+    (out / "log.jsonl").mkdir(parents=True)                   # the log cannot be opened
     msg = error_line(capsys, TINY + ["--out-dir", str(out)])
-    assert "cannot write" in msg and "log.jsonl" in msg
+    assert "log.jsonl" in msg and "Is a directory" in msg
 
 
 @needs_fmnist
@@ -86,6 +86,18 @@ def test_full_disk_while_writing_the_checkpoint(tmp_path, capsys):
     assert "No space left on device" in msg and "the last good checkpoint is kept" in msg
     assert not os.path.lexists(tmp)
     assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)["epoch"] == 1
+
+
+@needs_fmnist
+def test_truncated_idx_file(tmp_path, capsys):
+    src = os.path.join(data.DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte.gz")
+    if not os.path.exists(src):
+        pytest.skip("the Debian package ships uncompressed idx files here")
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(open(src, "rb").read()[:5000])
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(
+        open(os.path.join(data.DEBIAN_FASHION_MNIST, "train-labels-idx1-ubyte.gz"), "rb").read())
+    msg = error_line(capsys, TINY + ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o")])
+    assert "train-images-idx3-ubyte.gz" in msg and "truncated" in msg
 
 
 def test_16_bit_png_is_scaled_not_clipped(tmp_path):

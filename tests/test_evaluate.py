@@ -346,6 +346,7 @@ def test_bench_mislabels_scores_both_votes(tiny_run):
     (["--backbone", "/nonexistent/backbone.pth"], "no such file"),
     (["--checkpoint", "x.pth", "--knn-k", "abc"], "--knn-k"),
     (["--checkpoint", "x.pth", "--backbone", "y.pth"], "not allowed with"),
+    (["--checkpoint", "x.pth", "--batch-size", "1"], "--batch-size 1"),    # was: a BatchNorm ValueError
 ])
 def test_errors_are_one_line_exit_2(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
