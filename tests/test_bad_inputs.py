@@ -210,8 +210,10 @@ def test_a_frozen_rank_ends_the_run_after_the_timeout(tmp_path):
                 break
             time.sleep(0.1)
         ranks = {}
-        for pid in map(int, subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()):
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
             try:
+                if str(out).encode() not in open(f"/proc/{pid}/cmdline", "rb").read():
+                    continue
                 env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
             except OSError:
                 continue
