@@ -275,25 +275,7 @@ def run(args):
                                 nesterov=args.mode == "finetune", weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=args.dev.type == "cuda" and args.amp == "fp16")
 
-    start, best = 0, 0.0
-    path = os.path.join(args.out_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
-    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-        raise UserError(f"--resume {args.resume}: no such checkpoint")
-    if args.master and not (path and os.path.isfile(path)):   # a fresh run: no old run's lines in its log
-        utils.trim_log(os.path.join(args.out_dir, "log.jsonl"), 0)
-    if path and os.path.isfile(path):
-        ckpt = utils.load_checkpoint_file(path)
-        try:
-            raw.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise UserError(f"cannot resume {path}: {str(e).splitlines()[0]}; start a new --out-dir") from None
-        if scaler.is_enabled() and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start, best = ckpt["epoch"], ckpt["best_top1"]
-        if args.master:
-            utils.trim_log(os.path.join(args.out_dir, "log.jsonl"), start)
-            print(f"resumed from {path} at epoch {start}")
+    start, best = resume(raw, optimizer, scaler, args)
     if args.master:
         os.makedirs(args.out_dir, exist_ok=True)
         print(f"{args.mode} | {args.arch} on {args.data} | {len(train_loader.dataset)} train images -> "
@@ -340,6 +322,33 @@ def run(args):
         dist.barrier()
         dist.destroy_process_group()
     return res
+
+
+def resume(model, optimizer, scaler, args):
+    """--resume auto / PATH: the classifier (or fine-tuned network), optimiser and scaler of
+    the checkpoint; returns (the epoch to start from, the best top-1 so far). The views are
+    seeded per image and epoch, so no RNG state is needed to repeat the uninterrupted run.
+    The log is cut back to the checkpoint's epoch (emptied for a fresh run)."""
+    path = os.path.join(args.out_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
+    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such checkpoint")
+    log = os.path.join(args.out_dir, "log.jsonl")
+    if not (path and os.path.isfile(path)):
+        if args.master:
+            utils.trim_log(log, 0)
+        return 0, 0.0
+    ckpt = utils.load_checkpoint_file(path)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UserError(f"cannot resume {path}: {str(e).splitlines()[0]}; start a new --out-dir") from None
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if args.master:
+        utils.trim_log(log, ckpt["epoch"])
+        print(f"resumed from {path} at epoch {ckpt['epoch']}")
+    return ckpt["epoch"], ckpt["best_top1"]
 
 
 def sanity_check(model, digest):
