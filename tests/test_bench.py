@@ -17,3 +17,12 @@ def test_bench_step_measures_the_preset_model():
     assert "resnet18 width 16 16px" in lines[0]          # the CPU preset's narrow ResNet, not torchvision's 64
     assert "training step, batch 8" in lines[1] and "images/s" in lines[1]
     assert "feature pass, batch 8" in lines[2] and "of a training epoch" in lines[2]
+
+
+def test_check_faiss_gpu_compares_the_searches_it_can_run():
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "check_faiss_gpu.py"), "--n", "2000", "--k", "300", "--dim", "32",
+           "--device", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr
+    assert "CUDA libraries loaded:" in out.stdout
+    assert "torch search on cpu: same nearest centroid as CPU Faiss for 100.0000% of queries" in out.stdout
