@@ -115,6 +115,14 @@ def knn_search(queries, database, k, device=None):
     return index.search(q, k)
 
 
+def search_backend(device):
+    """What knn_search runs on `device`, in words (train.py says it at start)."""
+    device = torch.device(device or "cpu")
+    if device.type != "cuda":
+        return f"Faiss on the CPU ({torch.get_num_threads()} threads)"
+    return f"Faiss on {device}" if faiss_has_gpu() else f"torch on {device} (this Faiss has no GPU support)"
+
+
 def torch_search(queries, database, k, device, budget=2 ** 28, exclude_self=False, normalize=False, desc=None):
     """knn_search with torch, exact, in fp32 with TF32 off (its 10-bit mantissa would blur
     near ties): blocks of database rows, each converted to fp32 on `device` once, times

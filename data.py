@@ -15,6 +15,7 @@ The loaders send uint8 images; to_input() scales and normalises them on the devi
 MoCo v3's augmentations (two asymmetric views) are built here too.
 """
 
+import functools
 import gzip
 import os
 from dataclasses import dataclass
@@ -202,9 +203,13 @@ class GaussianBlur:
         return img.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
-def normalize(name):
-    """Per-channel normalisation of a data set, as a torchvision transform of a float image."""
-    return T.Normalize(SPECS[name].mean, SPECS[name].std)
+@functools.lru_cache(maxsize=None)
+def _mean_std(name, device):
+    """The data set's per-channel mean and std as C x 1 x 1 tensors on `device`, made once:
+    a tensor built from a Python list on a GPU is a blocking copy, which would stall the
+    host on every step."""
+    spec = SPECS[name]
+    return (torch.tensor(spec.mean, device=device)[:, None, None], torch.tensor(spec.std, device=device)[:, None, None])
 
 
 def to_input(x, name, device):
@@ -215,13 +220,13 @@ def to_input(x, name, device):
     The loader's workers send uint8, a quarter of float32: at ImageNet scale a batch of 512
     images x 2 views x 3 x 224 x 224 is 154 MB instead of 616 MB, and with 10 workers
     prefetching 2 batches each that is 3 GB of shared memory per process instead of 12."""
-    spec = SPECS[name]
+    mean, std = _mean_std(name, device)
     x = x.to(device, non_blocking=True).to(torch.get_default_dtype()).div(255)
-    x = x.sub_(torch.tensor(spec.mean, device=device)[:, None, None]).div_(torch.tensor(spec.std, device=device)[:, None, None])
+    x = x.sub_(mean).div_(std)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def moco_v3_view(name, size, blur_p, solarize_p, crop_min=0.08):
+def moco_v3_view(size, blur_p, solarize_p, crop_min=0.08):
     """One view of MoCo v3's asymmetric augmentation (view 1: blur 1.0, solarise 0.0;
     view 2: blur 0.1, solarise 0.2), sized for the data: the crop and the blur's sigma follow
     `size`. Colour jitter acts as brightness/contrast on grayscale."""
@@ -244,8 +249,8 @@ class TwoViews:
         return self.t1(img), self.t2(img)
 
 
-def train_transform(name, size, crop_min=0.08):
-    return TwoViews(moco_v3_view(name, size, 1.0, 0.0, crop_min), moco_v3_view(name, size, 0.1, 0.2, crop_min))
+def train_transform(size, crop_min=0.08):
+    return TwoViews(moco_v3_view(size, 1.0, 0.0, crop_min), moco_v3_view(size, 0.1, 0.2, crop_min))
 
 
 def eval_transform(name, size):
@@ -275,6 +280,19 @@ def feature_batches(n, batch_size, rank=0, world_size=1, seed=0):
     if len(cuts) > 2 and cuts[-1] - cuts[-2] < 2:
         del cuts[-2]
     return [order[a:b] for a, b in list(zip(cuts[:-1], cuts[1:]))[rank::world_size]]
+
+
+def feature_loader(ds, batch_size, args):
+    """A loader over this rank's feature_batches: every image once over all ranks, in
+    batches of `batch_size` cut from the seeded permutation, no sampler padding. train.py's
+    feature pass, evaluate.py's extraction and lincls.py's validation all read through it.
+    generator: its own, so starting the workers draws no number from torch's global RNG,
+    which stays the training augmentations' alone (a resumed run repeats exactly). Not
+    persistent: the workers exit after each pass instead of idling through a training epoch,
+    each holding its own copy of the file list (ImageNet: 1.28M paths)."""
+    batches = feature_batches(len(ds), batch_size, args.rank, args.world_size, args.seed)
+    return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=args.workers,
+                                       pin_memory=args.dev.type == "cuda", generator=torch.Generator())
 
 
 def subset(ds, n, seed=0):

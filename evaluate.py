@@ -139,18 +139,6 @@ class Split:
         return sum(t.numel() * t.element_size() for t in (self.feats, self.emb, self.raw, self.labels) if t is not None)
 
 
-def loader_for(ds, args, rank=0, world_size=1):
-    """Every image once over all ranks, in batches of --batch-size cut from a seeded
-    permutation, with no batch of a single image: the momentum embedding normalises with
-    batch statistics, as train.py's feature pass does, and an image folder lists its images
-    sorted by class, so consecutive batches would each hold one class (data.feature_batches).
-    Rank r takes batches r, r + W, ...: the same batches, and embeddings, on any number of
-    processes."""
-    return torch.utils.data.DataLoader(ds, batch_sampler=data.feature_batches(len(ds), args.batch_size, rank,
-                                                                              world_size, args.seed),
-                                       num_workers=args.workers, pin_memory=args.dev.type == "cuda")
-
-
 def raw_side(args):
     """The raw-pixel baseline's side: the features' own resolution, at most the data set's
     cap (ImageNet at 224 px would be 150,528 values an image)."""
@@ -167,7 +155,7 @@ def extract(ds, backbone, embed, args, desc="features"):
     Under torchrun each rank embeds its share and rank 0 receives the whole split (the
     other ranks get None)."""
     backbone.eval()
-    loader = loader_for(ds, args, args.rank, args.world_size)
+    loader = data.feature_loader(ds, args.batch_size, args)
     side = None if args.no_raw else raw_side(args)
     rows = {"feats": [], "emb": [], "raw": [], "labels": [], "index": []}
     for x, y, idx in tqdm(loader, desc=desc, leave=False, disable=not args.master):
@@ -195,8 +183,10 @@ def extract(ds, backbone, embed, args, desc="features"):
 
 
 # ----------------------------------------------------------------------------- cost, before anything runs
-def plan(n_train, n_test, feat_dim, emb_dim, num_classes, args):
-    """The costs of the stages asked for, checked before the first image is decoded."""
+def plan(n_train, n_test, feat_dim, emb_dim, num_classes, args, has_mixture=None):
+    """The costs of the stages asked for, checked before the first image is decoded.
+    has_mixture: the checkpoint holds a mixture (default: it has an embedding); without one
+    the report clusters its split with k-means."""
     side = raw_side(args)
     raw_dim = data.SPECS[args.data].channels * side * side
     row = 2 * feat_dim + 2 * emb_dim + (0 if args.no_raw else raw_dim) + 8
@@ -213,7 +203,8 @@ def plan(n_train, n_test, feat_dim, emb_dim, num_classes, args):
                          args.dev)
     utils.check_cost(f"k-means (K = {num_classes}) on {n_metrics:,} features", kmeans * n_metrics * feat_dim,
                      "lower --kmeans-redo, or use --test-subset", args.dev)
-    if not emb_dim:   # an exported backbone has no mixture: the report clusters its split with k-means
+    has_mixture = emb_dim > 0 if has_mixture is None else has_mixture
+    if not has_mixture and args.report_split != args.metrics_split:   # the same split: clusters() did it
         utils.check_cost(f"k-means (K = {num_classes}) on the {n_report:,} {args.report_split} images of the report",
                          kmeans * n_report * feat_dim, "use --report-split test, or lower --kmeans-redo", args.dev)
     if not args.no_raw:
@@ -221,7 +212,6 @@ def plan(n_train, n_test, feat_dim, emb_dim, num_classes, args):
                          "add --no-raw, or lower --raw-size", args.dev)
         utils.check_cost(f"raw-pixel k-means (K = {num_classes}) on {n_metrics:,} images",
                          kmeans * n_metrics * raw_dim, "add --no-raw", args.dev)
-    return raw_dim
 
 
 # ----------------------------------------------------------------------------- kNN
@@ -394,18 +384,20 @@ def representation(train, test, num_classes, args, times):
 def clusters(split, mixture, num_classes, args):
     """Table 3 on --metrics-split: spherical k-means with K = number of classes on the
     backbone features (Hungarian accuracy), and the learned clusters: each image's momentum
-    embedding to its nearest centroid of the checkpoint's mixture."""
-    km_ids, _ = spherical_kmeans(split.feats, num_classes, args.seed, nredo=args.kmeans_redo, device=args.dev)
+    embedding to its nearest centroid of the checkpoint's mixture. Also returns what the
+    cluster report reuses when it looks at the same split: the learned assignment (ids,
+    cosine, margin; None without a mixture) and the k-means centroids."""
+    km_ids, km_cents = spherical_kmeans(split.feats, num_classes, args.seed, nredo=args.kmeans_redo, device=args.dev)
     kmeans = {"split": args.metrics_split, "method": "spherical k-means on L2-normalised backbone features",
               "redo": args.kmeans_redo} | cluster_metrics(split.labels.numpy(), km_ids)
-    learned = None
+    learned = assignment = None
     if mixture is not None:
-        ids, _, _ = assign_clusters(split.emb, mixture.centroids, args.dev)
+        assignment = assign_clusters(split.emb, mixture.centroids, args.dev)
         learned = {"split": args.metrics_split, "K_mixture": int(mixture.centroids.shape[0])} \
-            | cluster_metrics(split.labels.numpy(), ids)
+            | cluster_metrics(split.labels.numpy(), assignment[0])
         if learned["K_mixture"] != num_classes:   # Hungarian accuracy only when K = number of classes
             learned["hungarian_acc"] = None
-    return kmeans, learned
+    return kmeans, learned, assignment, km_cents
 
 
 def raw_baselines(train, test, metric, num_classes, args):
@@ -418,7 +410,7 @@ def raw_baselines(train, test, metric, num_classes, args):
            "kmeans": {"split": args.metrics_split, "method": "spherical k-means on L2-normalised pixels"}
            | cluster_metrics(metric.labels.numpy(), ids)}
     n, dim = metric.raw.shape
-    if 2 * 10 * 100 * n * num_classes * dim / (2e10 * torch.get_num_threads()) < 600:
+    if utils.seconds(2 * 10 * 100 * n * num_classes * dim, torch.device("cpu")) < 600:   # n_init 10, <= 100 iterations
         ids = pixel_kmeans(metric.raw.float().div(255).numpy(), num_classes, args.seed)
         out["kmeans_euclidean"] = {"split": args.metrics_split, "method": "scikit-learn KMeans on pixels in "
                                    "[0, 1], n_init 10"} | cluster_metrics(metric.labels.numpy(), ids)
@@ -449,7 +441,7 @@ def evaluate(args):
     if max(args.knn_k) > len(train_set) - 1:
         raise UserError(f"--knn-k {max(args.knn_k)} needs more than the {len(train_set)} train images: use a smaller k")
     emb_dim = train_args.get("dim", 0) if embed is not None else 0
-    plan(len(train_set), len(test_set), feat_dim, emb_dim, num_classes, args)
+    plan(len(train_set), len(test_set), feat_dim, emb_dim, num_classes, args, has_mixture=mixture is not None)
     if args.master:
         os.makedirs(os.path.join(out_dir, "clusters"), exist_ok=True)   # only once the data loads
         print(f"evaluating {source_path} | {args.arch} on {args.data} | train {len(train_set)} -> test "
@@ -468,7 +460,7 @@ def evaluate(args):
     knn, probe = representation(train, test, num_classes, args, times)
     metric = train if args.metrics_split == "train" else test
     t0 = time.time()
-    kmeans, learned = clusters(metric, mixture, num_classes, args)
+    kmeans, learned, metric_assignment, metric_cents = clusters(metric, mixture, num_classes, args)
     times["clusters"] = time.time() - t0
     raw = None
     if not args.no_raw:
@@ -479,11 +471,13 @@ def evaluate(args):
     # ---- the cluster report (Fig. 2, Fig. 3, sec. 6.8): the checkpoint's mixture, else k-means
     t0 = time.time()
     rep_split, rds = (train, train_set) if args.report_split == "train" else (test, test_set)
+    same = rep_split is metric   # then clusters() has assigned (or k-means-clustered) this split already
     if mixture is not None:
-        assignment = assign_clusters(rep_split.emb, mixture.centroids, args.dev)
+        assignment = metric_assignment if same else assign_clusters(rep_split.emb, mixture.centroids, args.dev)
         source = "the checkpoint's mixture (momentum embeddings -> nearest centroid)"
     else:   # an exported backbone has no mixture: spherical k-means, K = classes, on its features
-        _, cents = spherical_kmeans(rep_split.feats, num_classes, args.seed, nredo=args.kmeans_redo, device=args.dev)
+        cents = metric_cents if same else spherical_kmeans(rep_split.feats, num_classes, args.seed,
+                                                           nredo=args.kmeans_redo, device=args.dev)[1]
         assignment = assign_clusters(rep_split.feats, cents, args.dev)
         source = f"spherical k-means (K = {num_classes}) on backbone features"
     run_dir = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else None

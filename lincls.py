@@ -91,11 +91,16 @@ def get_args(argv=None):
         p.error("--mode finetune needs --labels (the percent of train labels, e.g. 1 or 10)")
     if linear and (args.labels is not None or args.split_file):
         p.error("--labels and --split-file belong to --mode finetune")
-    args.epochs = args.epochs or (90 if linear else 60 if args.labels <= 1 else 30)
-    args.batch_size = args.batch_size or (1024 if linear else 4096)
-    args.lr = args.lr or (0.1 if linear else 0.05)
+    if args.epochs is None:   # the protocols' own settings; a value given, even 0, is checked below
+        args.epochs = 90 if linear else 60 if args.labels <= 1 else 30
+    if args.batch_size is None:
+        args.batch_size = 1024 if linear else 4096
+    if args.lr is None:
+        args.lr = 0.1 if linear else 0.05
     utils.check_flags(p, args, positive=("epochs", "batch_size", "lr", "img_size", "dist_timeout"),
                       non_negative=("weight_decay", "workers", "stop_after_epoch"), fractions=("crop_min",))
+    if not math.isfinite(args.lr):
+        p.error(f"--lr {args.lr}: must be a finite number")
     if args.labels is not None and not 0 < args.labels <= 100:
         p.error(f"--labels {args.labels}: a percent in (0, 100]")
     return args
@@ -110,7 +115,6 @@ class SeededViews(torch.utils.data.Dataset):
 
     def __init__(self, ds, transform, seed):
         self.ds, self.transform, self.seed, self.epoch = ds, transform, seed, 0
-        self.targets = torch.as_tensor(ds.targets)
 
     def __len__(self):
         return len(self.ds)
@@ -163,13 +167,12 @@ def split_file_subset(ds, path):
 def loaders(args):
     """The training loader (DistributedSampler over SeededViews; finetune: the labelled
     subset only) and the validation loader (every image once over all ranks, no padding:
-    data.feature_batches), and the class names."""
+    data.feature_loader); sets args.num_classes."""
     train_set = data.load_dataset(args.data, args.data_dir, "train", None, args.download)
     val_set = data.load_dataset(args.data, args.data_dir, "val", data.eval_transform(args.data, args.img_size),
                                 args.download)
     data.check_same_classes(train_set, val_set)
-    classes = getattr(train_set, "classes", None)
-    args.num_classes = len(classes) if classes else int(torch.as_tensor(train_set.targets).max()) + 1
+    args.num_classes = len(train_set.classes)
     if args.mode == "finetune":
         idx = (split_file_subset(train_set, args.split_file) if args.split_file
                else balanced_subset(train_set.targets, args.labels, args.seed))
@@ -183,9 +186,7 @@ def loaders(args):
     sampler = torch.utils.data.DistributedSampler(views, args.world_size, args.rank, shuffle=True, seed=args.seed)
     train_loader = torch.utils.data.DataLoader(views, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
                                                pin_memory=args.dev.type == "cuda")
-    val_batches = data.feature_batches(len(val_set), 256, args.rank, args.world_size, args.seed)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_sampler=val_batches, num_workers=args.workers,
-                                             pin_memory=args.dev.type == "cuda")
+    val_loader = data.feature_loader(val_set, 256, args)
     return train_loader, val_loader
 
 
@@ -201,7 +202,9 @@ def build_model(backbone, feat_dim, args):
     backbone.fc.bias.data.zero_()
     for name, p in backbone.named_parameters():   # finetune: every weight (a momentum backbone came frozen)
         p.requires_grad = args.mode == "finetune" or name in ("fc.weight", "fc.bias")
-    digest = {k: v for k, v in utils.state_digest(backbone).items() if not k.startswith("fc.")}
+    digest = None   # finetune trains every weight: nothing to check
+    if args.mode == "linear":
+        digest = {k: v for k, v in utils.state_digest(backbone).items() if not k.startswith("fc.")}
     return backbone, digest
 
 
@@ -226,7 +229,7 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args):
         scaler.step(optimizer)
         scaler.update()
         sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
-                             torch.tensor(float(len(y)), device=args.dev)])
+                             torch.full((), float(len(y)), device=args.dev)])   # no host-to-GPU copy: no sync
     if args.distributed:
         dist.all_reduce(sums)
     loss, correct, n = sums.tolist()
@@ -246,7 +249,7 @@ def validate(model, loader, args):
         with autocast(args.dev, args.amp):
             top = model(x).float().topk(min(5, args.num_classes), dim=1).indices
         hit = top == y[:, None]
-        sums += torch.stack([hit[:, 0].sum().float(), hit.any(1).sum().float(), torch.tensor(float(len(y)), device=args.dev)])
+        sums += torch.stack([hit[:, 0].sum().float(), hit.any(1).sum().float(), torch.full((), float(len(y)), device=args.dev)])
     if args.distributed:
         dist.all_reduce(sums)
     c1, c5, n = sums.tolist()
@@ -275,9 +278,9 @@ def run(args):
                                 nesterov=args.mode == "finetune", weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=args.dev.type == "cuda" and args.amp == "fp16")
 
-    start, best = resume(raw, optimizer, scaler, args)
+    start, best = resume(*utils.open_run(args, "lincls.py", {"model", "optimizer", "epoch", "best_top1"}), raw,
+                         optimizer, scaler, args)
     if args.master:
-        os.makedirs(args.out_dir, exist_ok=True)
         print(f"{args.mode} | {args.arch} on {args.data} | {len(train_loader.dataset)} train images -> "
               f"{len(val_loader.dataset)} val | {args.world_size} x {args.dev.type} | batch {args.batch_size} | "
               f"{args.epochs} epochs")
@@ -304,7 +307,7 @@ def run(args):
                   + (f" | val top-1 {top1:.4f} top-5 {top5:.4f}" if top1 is not None else ""))
             utils.atomic_save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(),
                                "scaler": scaler.state_dict(), "epoch": epoch + 1, "best_top1": best,
-                               "args": {k: v for k, v in vars(args).items() if k != "dev"}},
+                               "args": utils.saved_args(args)},
                               os.path.join(args.out_dir, "checkpoint.pth"))
         if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch:
             break
@@ -324,20 +327,17 @@ def run(args):
     return res
 
 
-def resume(model, optimizer, scaler, args):
-    """--resume auto / PATH: the classifier (or fine-tuned network), optimiser and scaler of
-    the checkpoint; returns (the epoch to start from, the best top-1 so far). The views are
+def resume(ckpt, path, model, optimizer, scaler, args):
+    """--resume auto / PATH (read by utils.open_run, which also locks OUT_DIR and makes the
+    ranks agree): the classifier (or fine-tuned network), optimiser and scaler of the
+    checkpoint; returns (the epoch to start from, the best top-1 so far). The views are
     seeded per image and epoch, so no RNG state is needed to repeat the uninterrupted run.
     The log is cut back to the checkpoint's epoch (emptied for a fresh run)."""
-    path = os.path.join(args.out_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
-    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-        raise UserError(f"--resume {args.resume}: no such checkpoint")
     log = os.path.join(args.out_dir, "log.jsonl")
-    if not (path and os.path.isfile(path)):
+    if ckpt is None:
         if args.master:
             utils.trim_log(log, 0)
         return 0, 0.0
-    ckpt = utils.load_checkpoint_file(path)
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -354,7 +354,7 @@ def resume(model, optimizer, scaler, args):
 def sanity_check(model, digest):
     """MoCo v3's sanity check: the linear protocol must not change any weight or buffer of
     the backbone (a BatchNorm in train mode would move its running statistics)."""
-    changed = [k for k in utils.changed_keys(model, digest)]
+    changed = utils.changed_keys(model, digest)
     if changed:
         raise RuntimeError(f"the frozen backbone changed during linear training ({len(changed)} tensors, e.g. {changed[0]})")
 

@@ -29,17 +29,16 @@ import argparse
 import json
 import math
 import os
-import random
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cluster
 import data
 import utils
-from cluster import VMFMixture, faiss_has_gpu
+from cluster import VMFMixture
 from loss import siammm_loss
 from model import SiamMM, model_args, momentum_at
 from utils import UserError, autocast
@@ -267,26 +266,10 @@ class LossMeter:
 
 
 # ----------------------------------------------------------------------------- steps 1-2: feature pass, E/M step
-def feature_loader(ds, args):
-    """The feature pass's loader, built once per run. The data are cut into batches of
-    --feature-batch-size from one seeded permutation, independently of the world size, and
-    rank r embeds batches r, r + W, ... (data.feature_batches): every sample exactly once
-    over all ranks and no sampler padding, so the cluster statistics (sums over samples,
-    all-reduced) count each image once, each z_i is the same on any number of GPUs, and no
-    batch is one class of a class-sorted folder."""
-    batches = data.feature_batches(len(ds), args.feature_batch_size, args.rank, args.world_size, args.seed)
-    # generator: its own, so starting the workers draws no number from torch's global RNG,
-    # which then stays the training augmentations' alone (a resumed run repeats exactly).
-    # Not persistent: its workers exit after each pass instead of idling through the training
-    # epoch, each holding its own copy of the file list (ImageNet: 1.28M paths) and memory.
-    return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=args.workers,
-                                       pin_memory=args.dev.type == "cuda", generator=torch.Generator())
-
-
 @torch.no_grad()
 def feature_pass(model, loader, args):
     """Step 1: z_i = the momentum embedding of every training image (evaluation view), this
-    rank's share (feature_loader). Returns (features n_r x D on the CPU, dataset indices n_r)."""
+    rank's share (data.feature_loader). Returns (features n_r x D on the CPU, dataset indices n_r)."""
     model.eval()  # with --feature-bn batch, embed() switches BN to batch statistics itself
     feats, index = [], []
     for x, _, idx in tqdm(loader, desc="  features", disable=not args.master, leave=False):
@@ -336,8 +319,10 @@ def train_one_epoch(model, loader, optimizer, scaler, clusters, epoch, args, tim
         x1, x2 = data.to_input(x1, args.data, args.dev), data.to_input(x2, args.data, args.dev)
         with autocast(args.dev, args.amp):
             q1, q2, k1, k2 = model(x1, x2)
-        idx = idx.to(args.dev)
-        nbr, w = (nbr_table[idx], w_table[idx]) if clusters else (None, None)
+        nbr, w = None, None
+        if clusters:   # this batch's rows of the E-step's tables, by dataset index
+            i_dev = idx.to(args.dev, non_blocking=True)
+            nbr, w = nbr_table[i_dev], w_table[i_dev]
         loss, l_inst, l_clus = siammm_loss(q1.float(), q2.float(), k1.float(), k2.float(), centroids, kappa, nbr, w,
                                            args.cluster_weight, args.instance_loss, args.cluster_loss,
                                            args.infonce_t, args.neg_t, args.num_neg)
@@ -394,11 +379,6 @@ RUN_FLAGS = {"out_dir", "resume", "stop_after_epoch", "save_every", "workers", "
              "download", "distributed", "rank", "world_size", "local_rank", "master", "dist_timeout"}
 
 
-def saved_args(args):
-    """The flags as written to args.json and the checkpoint (no process-group handle)."""
-    return {k: v for k, v in vars(args).items() if k not in ("local_group", "lock")} | {"dev": str(args.dev)}
-
-
 def save_checkpoint(model, optimizer, scaler, mixture, epoch, steps, args):
     """Everything a resumed run needs to continue exactly: weights, optimiser, AMP scaler,
     mixture, epoch and step, every rank's RNG state, the flags. Rank 0 writes it
@@ -408,10 +388,11 @@ def save_checkpoint(model, optimizer, scaler, mixture, epoch, steps, args):
         return
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "mixture": mixture.state_dict() if mixture.centroids is not None else None,
-            "epoch": epoch + 1, "step": (epoch + 1) * steps, "args": saved_args(args), "rng": rng}
-    utils.atomic_save(ckpt, os.path.join(args.out_dir, "checkpoint.pth"))
+            "epoch": epoch + 1, "step": (epoch + 1) * steps, "args": utils.saved_args(args), "rng": rng}
+    paths = [os.path.join(args.out_dir, "checkpoint.pth")]
     if args.save_every and (epoch + 1) % args.save_every == 0:
-        utils.atomic_save(ckpt, os.path.join(args.out_dir, f"checkpoint_epoch{epoch + 1}.pth"))
+        paths.append(os.path.join(args.out_dir, f"checkpoint_epoch{epoch + 1}.pth"))
+    utils.atomic_save(ckpt, *paths)
 
 
 def log_epoch(record, mixture, merge, times, t_epoch, args):
@@ -423,69 +404,11 @@ def log_epoch(record, mixture, merge, times, t_epoch, args):
         record |= mixture.summary() | {"merged": merge[0], "merge_threshold": merge[1]}
     if not args.master:
         return
-    try:
-        with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as e:
-        raise UserError(f"cannot write {os.path.join(args.out_dir, 'log.jsonl')}: {e.strerror}") from None
+    with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:   # an OSError: one line (utils.guard)
+        f.write(json.dumps(record) + "\n")
     k_txt = f" | K {record['K']} (merged {record['merged']})" if merge is not None else ""
     print(f"epoch {record['epoch']}/{args.epochs} | loss {record['loss']:.4f} (inst {record['loss_inst']:.4f}, "
           f"clus {record['loss_clus']:.4f}){k_txt} | {record['images_per_s']:.0f} img/s | {record['time']['epoch']:.0f}s")
-
-
-def open_run(args):
-    """Before anything is written: rank 0 takes OUT_DIR's lock (a second job in the same
-    folder, e.g. the ranks of a killed torchrun agent still running, would interleave
-    checkpoints and logs), and every rank reads the checkpoint it sees. All ranks then agree
-    on one epoch to resume from: nodes without a shared --out-dir would otherwise resume on
-    some ranks and start afresh on others, and the replicas would drift apart without a
-    word. Returns the checkpoint (or None) and its path."""
-    path = os.path.join(args.out_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
-    problem, ckpt = None, None
-    try:
-        if args.master:
-            take_lock(args)
-        if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-            raise UserError(f"--resume {args.resume}: no such checkpoint")
-        if path and os.path.exists(path):
-            ckpt = utils.load_checkpoint_file(path)
-            if not isinstance(ckpt, dict) or not {"model", "args", "epoch"} <= set(ckpt):
-                raise UserError(f"{path} is not a train.py checkpoint; start a new --out-dir")
-    except UserError as e:
-        problem = str(e)
-    seen = [(problem, ckpt["epoch"] if ckpt else None)]
-    if args.distributed:
-        seen = [None] * args.world_size
-        dist.all_gather_object(seen, (problem, ckpt["epoch"] if ckpt else None))
-    for rank, (problem, _) in enumerate(seen):
-        if problem:
-            raise UserError(problem if rank == args.rank or not args.distributed else f"rank {rank}: {problem}")
-    if len({e for _, e in seen}) > 1:
-        where = ", ".join(f"rank {r}: {'epoch ' + str(e) if e is not None else 'none'}" for r, (_, e) in enumerate(seen))
-        raise UserError(f"the ranks see different checkpoints at {path or 'OUT_DIR/checkpoint.pth'} ({where}): put "
-                        "--out-dir on a file system that every node shares, or copy the checkpoint to every node")
-    return ckpt, path
-
-
-def take_lock(args):
-    """An exclusive lock on OUT_DIR/.lock for the life of the job (flock: the kernel drops
-    it when the process ends, kill -9 included)."""
-    import fcntl
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        args.lock = open(os.path.join(args.out_dir, ".lock"), "a+")
-    except OSError as e:
-        raise UserError(f"cannot write to --out-dir {args.out_dir}: {e.strerror}") from None
-    try:
-        fcntl.flock(args.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        args.lock.seek(0)
-        owner = args.lock.read().strip() or "another process"
-        raise UserError(f"another job is training in --out-dir {args.out_dir} ({owner}): wait for it to end, "
-                        "stop it, or use another --out-dir") from None
-    args.lock.truncate(0)
-    args.lock.write(f"pid {os.getpid()} on {os.uname().nodename}")
-    args.lock.flush()
 
 
 def resume(ckpt, path, model, optimizer, scaler, mixture, args):
@@ -520,9 +443,7 @@ def resume(ckpt, path, model, optimizer, scaler, mixture, args):
     if args.rank < len(ckpt["rng"]):
         utils.set_rng_state(ckpt["rng"][args.rank], args.dev)
     else:   # more processes than saved the checkpoint: a stream of its own, not a copy of rank 0's
-        torch.manual_seed(args.seed + args.rank + 1000 * ckpt["epoch"])
-        np.random.seed(args.seed + args.rank + 1000 * ckpt["epoch"])
-        random.seed(args.seed + args.rank + 1000 * ckpt["epoch"])
+        utils.seed_all(args.seed + args.rank + 1000 * ckpt["epoch"])
     if args.master:
         utils.trim_log(os.path.join(args.out_dir, "log.jsonl"), ckpt["epoch"])
         print(f"resumed from {path} at epoch {ckpt['epoch']}")
@@ -532,12 +453,7 @@ def resume(ckpt, path, model, optimizer, scaler, mixture, args):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     """Parse the flags and train; a problem a person can fix ends in one line (utils.guard)."""
-    args = get_args(argv)
-    try:
-        return utils.guard("train.py", train, args)
-    finally:
-        if getattr(args, "lock", None):   # the process may go on (train.main called from Python)
-            args.lock.close()
+    return utils.guard("train.py", train, get_args(argv))
 
 
 def train(args):
@@ -553,7 +469,7 @@ def train(args):
 
     # ---- data: labels are never used below
     train_set = data.subset(data.load_dataset(args.data, args.data_dir, "train",
-                                              data.train_transform(args.data, args.img_size, args.crop_min),
+                                              data.train_transform(args.img_size, args.crop_min),
                                               args.download), args.subset, args.seed)
     feat_set = data.subset(data.load_dataset(args.data, args.data_dir, "train",
                                              data.eval_transform(args.data, args.img_size)), args.subset, args.seed)
@@ -570,28 +486,24 @@ def train(args):
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // args.world_size, sampler=sampler,
                                          num_workers=args.workers, pin_memory=args.dev.type == "cuda",
                                          drop_last=True)  # workers re-seeded from the (checkpointed) RNG each epoch
-    feat_loader = feature_loader(feat_set, args)
+    feat_loader = data.feature_loader(feat_set, args.feature_batch_size, args)
 
     # ---- model, optimiser, mixture
     model = SiamMM(in_chans=data.SPECS[args.data].channels, **model_args(vars(args)))
-    torch.manual_seed(args.seed + args.rank)  # then each rank draws its own augmentations
-    np.random.seed(args.seed + args.rank)
-    random.seed(args.seed + args.rank)
+    utils.seed_all(args.seed + args.rank)  # then each rank draws its own augmentations
     model, raw = utils.distribute(model, args)   # sec. 5.1 / MoCo v3: BN over the global batch
     optimizer = build_optimizer(raw.online_parameters(), args)
     scaler = torch.amp.GradScaler("cuda", enabled=args.dev.type == "cuda" and args.amp == "fp16")
     mixture = VMFMixture(args.dim, args.num_clusters, args.kappa, args.pca_dim, args.init_iters, args.kmeans_iters,
                          reinit=args.reinit_centroids, nredo=args.nredo, kappa_clip=args.kappa_clip, seed=args.seed,
                          device=args.dev)
-    start_epoch = resume(*open_run(args), raw, optimizer, scaler, mixture, args)
+    start_epoch = resume(*utils.open_run(args, "train.py", {"model", "args", "epoch"}), raw, optimizer, scaler,
+                         mixture, args)
     if args.master:
         print(f"SiamMM | {args.arch} on {args.data} (N = {N}) | {args.world_size} x {args.dev.type} | "
-              f"batch {args.batch_size} | {args.epochs} epochs | K0 = {args.num_clusters} | E-step search: {search_backend(args.dev)}")
-        try:
-            with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-                json.dump(saved_args(args), f, indent=1)
-        except OSError as e:
-            raise UserError(f"cannot write {os.path.join(args.out_dir, 'args.json')}: {e.strerror}") from None
+              f"batch {args.batch_size} | {args.epochs} epochs | K0 = {args.num_clusters} | E-step search: {cluster.search_backend(args.dev)}")
+        with open(os.path.join(args.out_dir, "args.json"), "w") as f:   # an OSError: one line (utils.guard)
+            json.dump(utils.saved_args(args), f, indent=1)
 
     # ---- the epochs: sec. 5.1's four steps
     for epoch in range(start_epoch, args.epochs):
@@ -610,13 +522,6 @@ def train(args):
         dist.barrier()
         dist.destroy_process_group()
     return mixture
-
-
-def search_backend(dev):
-    """What runs the E-step's nearest-centroid search (cluster.knn_search), said at start."""
-    if dev.type != "cuda":
-        return f"Faiss on the CPU ({torch.get_num_threads()} threads)"
-    return f"Faiss on {dev}" if faiss_has_gpu() else f"torch on {dev} (this Faiss has no GPU support)"
 
 
 if __name__ == "__main__":

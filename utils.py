@@ -52,6 +52,9 @@ def guard(prog, run, args):
             fail(prog, f"rank {getattr(args, 'rank', 0)} waited {args.dist_timeout:g} min for the other processes: "
                        "one of them stopped or was lost; see its log, then resume with --resume auto")
         raise
+    finally:
+        if getattr(args, "lock", None):   # OUT_DIR's lock (take_lock): the process may go on (main() from Python)
+            args.lock.close()
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -82,11 +85,16 @@ def check_flags(parser, args, positive=(), non_negative=(), fractions=()):
 
 
 # ----------------------------------------------------------------------------- cost, before a stage runs
+def seconds(flops, device):
+    """A conservative estimate of the time of `flops` on `device`: 20 TFLOP/s on a GPU,
+    20 GFLOP/s per CPU thread."""
+    return flops / (2e13 if device.type == "cuda" else 2e10 * torch.get_num_threads())
+
+
 def check_cost(what, flops, flag, device, max_hours=1.0):
     """Stop now, with one line naming `flag`, when a stage would take more than max_hours on
-    `device`. Conservative rates: 20 TFLOP/s on a GPU, 20 GFLOP/s per CPU thread."""
-    rate = 2e13 if device.type == "cuda" else 2e10 * torch.get_num_threads()
-    hours = flops / rate / 3600
+    `device` (seconds())."""
+    hours = seconds(flops, device) / 3600
     if hours > max_hours:
         raise UserError(f"{what} would take about {hours:.0f} h on {device} ({flops / 1e12:.0f} TFLOP): {flag}")
 
@@ -196,27 +204,30 @@ def gather_rows(local, index, n_total, args):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def atomic_save(obj, path):
+def atomic_save(obj, *paths):
     """Write to a temporary file, then rename: a crash or a full disk mid-write never
     destroys the last good file (os.replace is atomic on POSIX). The object is serialised
-    in memory first and written with one write and an fsync, so a failed write is the
+    in memory once (for every path: --save-every's extra copy costs a write, not a second
+    serialisation) and written with one write and an fsync, so a failed write is the
     operating system's own error (no space left, read-only, ...), said in one line, and the
     partial temporary file is removed. The in-memory copy is the checkpoint's size for a
     moment (ImageNet's: about 0.8 GB, on rank 0 only)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        kept = "the last good checkpoint is kept" if os.path.exists(path) else "nothing was saved"
-        raise UserError(f"cannot write {path}: {e.strerror or e} ({len(buf.getbuffer()) / 2 ** 20:.1f} MiB); {kept}") from None
+    for path in paths:
+        tmp = path + ".tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buf.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            kept = "the last good checkpoint is kept" if os.path.exists(path) else "nothing was saved"
+            raise UserError(f"cannot write {path}: {e.strerror or e} ({len(buf.getbuffer()) / 2 ** 20:.1f} MiB); "
+                            f"{kept}") from None
 
 
 def load_checkpoint_file(path, what="checkpoint"):
@@ -229,6 +240,66 @@ def load_checkpoint_file(path, what="checkpoint"):
     except Exception as e:   # EOFError, RuntimeError (zip), UnpicklingError, ...: the file is damaged
         raise UserError(f"cannot read {what} {path} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'empty'}): "
                         "it is empty, truncated or not a torch file; restore it or start a new --out-dir") from None
+
+
+def saved_args(args):
+    """The flags as written to args.json and the checkpoints: no process-group or lock handle,
+    the device as its name."""
+    return {k: v for k, v in vars(args).items() if k not in ("local_group", "lock", "dev")} | {"dev": str(args.dev)}
+
+
+def open_run(args, program, keys):
+    """Before anything is written: rank 0 takes OUT_DIR's lock (a second job in the same
+    folder, e.g. the ranks of a killed torchrun agent still running, would interleave
+    checkpoints and logs), and every rank reads the checkpoint it sees (--resume auto:
+    OUT_DIR/checkpoint.pth; --resume PATH), which must be `program`'s (hold `keys`). All
+    ranks then agree on one epoch to resume from: nodes without a shared --out-dir would
+    otherwise resume on some ranks and start afresh on others, and the replicas would drift
+    apart without a word. Returns the checkpoint (or None) and its path."""
+    path = os.path.join(args.out_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
+    problem, ckpt = None, None
+    try:
+        if args.master:
+            take_lock(args)
+        if path and (args.resume != "auto" or os.path.exists(path)):   # a named file must exist
+            ckpt = load_checkpoint_file(path)
+            if not isinstance(ckpt, dict) or not set(keys) <= set(ckpt):
+                raise UserError(f"{path} is not a {program} checkpoint; start a new --out-dir")
+    except UserError as e:
+        problem = str(e)
+    seen = [(problem, ckpt["epoch"] if ckpt else None)]
+    if args.distributed:
+        seen = [None] * args.world_size
+        dist.all_gather_object(seen, (problem, ckpt["epoch"] if ckpt else None))
+    for rank, (problem, _) in enumerate(seen):
+        if problem:
+            raise UserError(problem if rank == args.rank or not args.distributed else f"rank {rank}: {problem}")
+    if len({e for _, e in seen}) > 1:
+        where = ", ".join(f"rank {r}: {'epoch ' + str(e) if e is not None else 'none'}" for r, (_, e) in enumerate(seen))
+        raise UserError(f"the ranks see different checkpoints at {path or 'OUT_DIR/checkpoint.pth'} ({where}): put "
+                        "--out-dir on a file system that every node shares, or copy the checkpoint to every node")
+    return ckpt, path
+
+
+def take_lock(args):
+    """An exclusive lock on OUT_DIR/.lock for the life of the job (flock: the kernel drops
+    it when the process ends, kill -9 included; guard() closes it when run() returns)."""
+    import fcntl
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        args.lock = open(os.path.join(args.out_dir, ".lock"), "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to --out-dir {args.out_dir}: {e.strerror}") from None
+    try:
+        fcntl.flock(args.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        args.lock.seek(0)
+        owner = args.lock.read().strip() or "another process"
+        raise UserError(f"another job is training in --out-dir {args.out_dir} ({owner}): wait for it to end, "
+                        "stop it, or use another --out-dir") from None
+    args.lock.truncate(0)
+    args.lock.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    args.lock.flush()
 
 
 def trim_log(path, epoch):
@@ -249,6 +320,13 @@ def trim_log(path, epoch):
         f.writelines(keep)
     os.replace(path + ".tmp", path)
 
+
+
+def seed_all(seed):
+    """Seed every generator the training draws from: torch's, numpy's and Python's."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def rng_state(dev):

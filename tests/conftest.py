@@ -5,6 +5,7 @@ Fashion-MNIST's idx files come shuffled; a folder does not. Anything whose resul
 depend on the order of the data (BN batches, sharding, subsets) is tested on these."""
 
 import os
+import socket
 
 import pytest
 
@@ -12,6 +13,7 @@ import data
 from bench.fmnist_folder import write_class_folder  # noqa: F401 (the tests' class-sorted folders)
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_FMNIST = any(os.path.exists(os.path.join(data.DEBIAN_FASHION_MNIST, f))
                   for f in ("train-labels-idx1-ubyte", "train-labels-idx1-ubyte.gz"))
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="apt-get install dataset-fashion-mnist")
@@ -23,3 +25,10 @@ def sorted_folder(tmp_path_factory):
     if not HAVE_FMNIST:
         pytest.skip("apt-get install dataset-fashion-mnist")
     return write_class_folder(tmp_path_factory.mktemp("sorted"), 50, 10, classes=4)
+
+
+def free_port():
+    """A free TCP port on this host, for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -18,8 +18,8 @@ from PIL import Image
 import data
 import evaluate as ev
 import train
-from conftest import needs_fmnist
-from test_train import ROOT, TINY, error_line, free_port, read_log, run
+from conftest import ROOT, free_port, needs_fmnist
+from test_train import TINY, error_line, read_log, run
 
 
 # ----------------------------------------------------------------------------- flags
@@ -160,6 +160,11 @@ def test_evaluate_refuses_a_stage_that_would_take_hours():
         ev.plan(1281167, 500, 2048, 256, 1000, args)
     args.mislabel_votes = "cluster"
     ev.plan(1281167 // 100, 500, 2048, 256, 1000, args)       # a 1% subset with the cluster vote fits
+    # a checkpoint of a cluster warm-up epoch has an embedding but no mixture: its report
+    # clusters the train split with k-means, and that is costed too
+    ev.plan(1281167, 10, 2048, 256, 1000, args)               # with a mixture the report only assigns
+    with pytest.raises(ev.UserError, match="images of the report"):
+        ev.plan(1281167, 10, 2048, 256, 1000, args, has_mixture=False)
 
 
 # ----------------------------------------------------------------------------- runs

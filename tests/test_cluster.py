@@ -8,7 +8,6 @@ test starts two gloo processes on localhost.
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ sys.path.insert(0, REPO)
 
 import cluster  # noqa: E402
 from cluster import VMFMixture, close_pairs, greedy_matching, kappa_mle  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -660,12 +660,6 @@ WORKER = textwrap.dedent("""
         dist.barrier()
         dist.destroy_process_group()
 """)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("shard", ["interleaved", "empty"])

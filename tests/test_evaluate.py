@@ -22,11 +22,9 @@ import evaluate as ev  # noqa: E402
 import report  # noqa: E402
 import utils  # noqa: E402
 from cluster import VMFMixture  # noqa: E402
+from conftest import HAVE_FMNIST, needs_fmnist  # noqa: E402
 from model import SiamMM  # noqa: E402
 
-HAVE_FMNIST = os.path.exists(os.path.join(data.DEBIAN_FASHION_MNIST, "train-labels-idx1-ubyte")) or \
-    os.path.exists(os.path.join(data.DEBIAN_FASHION_MNIST, "train-labels-idx1-ubyte.gz"))
-needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="apt-get install dataset-fashion-mnist")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ class-sorted image folder, on 1 and 2 gloo processes, stopped and resumed."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,10 +15,9 @@ from PIL import Image
 import data
 import lincls
 import utils
-from conftest import needs_fmnist
+from conftest import ROOT, free_port, needs_fmnist
 from model import SiamMM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_balanced_subset_is_class_balanced_seeded_and_nested():
@@ -93,12 +91,6 @@ def pretrained(tmp_path_factory, sorted_folder):
     return d / "checkpoint.pth"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # 200 train images (4 classes, listed class by class), 40 val; global batch 40: 5 steps an epoch
 FLAGS = ["--batch-size", "40", "--epochs", "3", "--workers", "0", "--lr", "0.5"]
 
@@ -155,3 +147,32 @@ def test_semi_supervised_finetuning_under_torchrun(pretrained, tmp_path):
     ckpt = torch.load(os.path.join(out_dir, "checkpoint.pth"), weights_only=False)
     pre = torch.load(pretrained, weights_only=False)["model"]
     assert not torch.equal(ckpt["model"]["conv1.weight"], pre["backbone.conv1.weight"])   # fine-tuned, not frozen
+
+
+@needs_fmnist
+@pytest.mark.parametrize("flags, needle", [
+    (["--epochs", "0"], "--epochs 0: must be positive"),       # was: 0 read as "the default", 90 epochs
+    (["--lr", "0"], "--lr 0.0: must be positive"),
+    (["--lr", "inf"], "--lr inf: must be a finite number"),
+])
+def test_lincls_refuses_flags_given_as_zero_or_infinite(pretrained, tmp_path, capsys, flags, needle):
+    with pytest.raises(SystemExit) as e:
+        lincls.main(["--checkpoint", str(pretrained), "--out-dir", str(tmp_path / "o")] + flags)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+@needs_fmnist
+def test_lincls_second_job_in_the_same_out_dir_stops_and_a_train_checkpoint_is_not_resumed(pretrained, tmp_path,
+                                                                                           capsys):
+    """lincls takes OUT_DIR's lock as train.py does (utils.open_run), and resumes only its own checkpoints."""
+    import fcntl
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit):
+            lincls.main(["--checkpoint", str(pretrained), "--out-dir", str(out)] + FLAGS)
+    assert "another job is training" in capsys.readouterr().err and not (out / "log.jsonl").exists()
+    with pytest.raises(SystemExit):
+        lincls.main(["--checkpoint", str(pretrained), "--out-dir", str(out), "--resume", str(pretrained)] + FLAGS)
+    assert "is not a lincls.py checkpoint" in capsys.readouterr().err

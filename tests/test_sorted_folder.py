@@ -5,7 +5,6 @@ find), and the ImageNet preset must train, resume and evaluate under torchrun on
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import types
@@ -16,15 +15,14 @@ import data
 import evaluate as ev
 import train
 import utils
-from conftest import needs_fmnist, write_class_folder
+from conftest import ROOT, free_port, needs_fmnist, write_class_folder
 from model import SiamMM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
 
 
 def pass_args(**kw):
-    """The flags train.feature_loader / feature_pass read, for one process."""
+    """The flags data.feature_loader / train.feature_pass read, for one process."""
     return types.SimpleNamespace(**(dict(feature_batch_size=40, rank=0, world_size=1, seed=0, workers=0, dev=CPU,
                                          master=False, data="folder", amp="none", feature_bn="batch",
                                          local_group=None, dim=16) | kw))
@@ -39,7 +37,7 @@ def test_feature_pass_batches_mix_the_classes_of_a_sorted_folder(sorted_folder):
     for world in (1, 2):
         seen = []
         for rank in range(world):
-            for _, y, idx in train.feature_loader(ds, pass_args(rank=rank, world_size=world)):
+            for _, y, idx in data.feature_loader(ds, 40, pass_args(rank=rank, world_size=world)):
                 assert torch.bincount(y).max().item() / len(y) < 0.6, (world, rank, y.tolist())
                 seen += idx.tolist()
         assert sorted(seen) == list(range(len(ds)))             # every image exactly once
@@ -55,7 +53,7 @@ def test_feature_pass_embeddings_do_not_depend_on_the_file_order(sorted_folder):
     model = SiamMM("resnet18", True, 3, 32, 32, 16, width=16).eval()
     ds = data.load_dataset("folder", sorted_folder, "train", data.eval_transform("folder", 16))
     args = pass_args()
-    z, idx = train.feature_pass(model, train.feature_loader(ds, args), args)
+    z, idx = train.feature_pass(model, data.feature_loader(ds, args.feature_batch_size, args), args)
     by_index = torch.zeros_like(z)
     by_index[idx] = z
     everything = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -72,7 +70,7 @@ def test_evaluate_embeds_like_the_feature_pass_and_keeps_the_data_set_order(sort
     model = SiamMM("resnet18", True, 3, 32, 32, 16, width=16).eval()
     ds = data.load_dataset("folder", sorted_folder, "train", data.eval_transform("folder", 16))
     args = pass_args()
-    z, idx = train.feature_pass(model, train.feature_loader(ds, args), args)
+    z, idx = train.feature_pass(model, data.feature_loader(ds, args.feature_batch_size, args), args)
     eargs = ev.get_args(["--backbone", "unused.pth", "--workers", "0", "--batch-size", "40", "--raw-size", "16"])
     eargs.data, eargs.img_size = "folder", 16
     split = ev.extract(ds, model.backbone, lambda x: model.embed(x, "batch"), utils.setup_distributed(eargs))
@@ -81,12 +79,6 @@ def test_evaluate_embeds_like_the_feature_pass_and_keeps_the_data_set_order(sort
     ordered = torch.stack([ds[i][0] for i in range(8)])         # eval-mode backbone: order-free
     assert torch.allclose(split.feats[:8].float(), model.backbone(data.to_input(ordered, "folder", CPU)), atol=1e-2)
     assert torch.equal(split.raw[:8], ordered.flatten(1))      # raw pixels of the same view, in order
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(nproc, argv, cwd=ROOT, extra=()):

@@ -3,7 +3,6 @@ merging, torchrun DDP against one process, exact resume, and the one-line errors
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,8 +11,8 @@ import torch
 
 import train
 import utils
+from conftest import ROOT, free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A run small enough for 2 CPU cores: 128 real images at 16 px, tiny heads, 2 epochs.
 TINY = ["--subset", "128", "--batch-size", "32", "--img-size", "16", "--epochs", "2", "--workers", "0",
         "--proj-hidden", "32", "--pred-hidden", "32", "--dim", "16", "--pca-dim", "8", "--num-clusters", "24"]
@@ -82,12 +81,6 @@ def test_ablation_flags_run(tmp_path):
         out = run(tmp_path, "--epochs", "2", *flags, name=f"abl{i}")
         log = read_log(out)
         assert len(log) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_two_processes_match_one_process_clustering(tmp_path):
@@ -238,7 +231,7 @@ def test_blur_is_sized_for_the_image():
         return (y - x).abs().mean().item()
     assert change(32 / 224) < 0.1 * change(1.0)
     assert change(1.0) > 20          # the unscaled blur really does smear a noise image
-    view = data.moco_v3_view("fashion-mnist", 32, 1.0, 0.0)
+    view = data.moco_v3_view(32, 1.0, 0.0)
     blurs = [t for a in view.transforms if hasattr(a, "transforms") for t in a.transforms
              if isinstance(t, data.GaussianBlur)]
     assert [b.scale for b in blurs] == [32 / 224]
