@@ -6,6 +6,8 @@ depend on the order of the data (BN batches, sharding, subsets) is tested on the
 
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -32,3 +34,20 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun_cmd(script, argv, nproc=2, launcher=()):
+    """The command line of `torchrun --nproc_per_node=nproc script argv` on this host (gloo
+    on the CPU); launcher: torchrun's own flags (default: a free port on 127.0.0.1)."""
+    launcher = list(launcher) or ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *launcher,
+            os.path.join(ROOT, script)] + list(argv)
+
+
+TORCHRUN_ENV = dict(os.environ, OMP_NUM_THREADS="1")   # torchrun's own default: one thread per process
+
+
+def torchrun(script, argv, nproc=2, cwd=ROOT, timeout=900):
+    """Run torchrun_cmd to the end; returns the CompletedProcess (stdout, stderr as text)."""
+    return subprocess.run(torchrun_cmd(script, argv, nproc), cwd=cwd, env=TORCHRUN_ENV, capture_output=True,
+                          text=True, timeout=timeout)

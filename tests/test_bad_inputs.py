@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -18,7 +17,7 @@ from PIL import Image
 import data
 import evaluate as ev
 import train
-from conftest import ROOT, free_port, needs_fmnist
+from conftest import ROOT, TORCHRUN_ENV, needs_fmnist, torchrun_cmd
 from test_train import TINY, error_line, read_log, run
 
 
@@ -204,10 +203,8 @@ def test_a_frozen_rank_ends_the_run_after_the_timeout(tmp_path):
     """SIGSTOP one of two gloo ranks mid-run: the other waits --dist-timeout (6 s here), then
     stops with one line, instead of hanging for ever."""
     out = tmp_path / "frozen"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", os.path.join(ROOT, "train.py")] + TINY + \
-        ["--epochs", "500", "--dist-timeout", "0.1", "--out-dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+    cmd = torchrun_cmd("train.py", TINY + ["--epochs", "500", "--dist-timeout", "0.1", "--out-dir", str(out)])
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=TORCHRUN_ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(600):                                   # training has begun

@@ -4,8 +4,6 @@ class-sorted image folder, on 1 and 2 gloo processes, stopped and resumed."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from PIL import Image
 import data
 import lincls
 import utils
-from conftest import ROOT, free_port, needs_fmnist
+from conftest import needs_fmnist, torchrun
 from model import SiamMM
 
 
@@ -99,11 +97,7 @@ FLAGS = ["--batch-size", "40", "--epochs", "3", "--workers", "0", "--lr", "0.5"]
 def test_linear_protocol_two_processes_equal_one_resume_exactly_and_keep_the_backbone(pretrained, tmp_path):
     one, two, part = (str(tmp_path / n) for n in ("one", "two", "part"))
     res = lincls.main(["--checkpoint", str(pretrained), "--out-dir", one] + FLAGS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", os.path.join(ROOT, "lincls.py"), "--checkpoint", str(pretrained),
-           "--out-dir", two] + FLAGS
-    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                         timeout=600)
+    out = torchrun("lincls.py", ["--checkpoint", str(pretrained), "--out-dir", two] + FLAGS)
     assert out.returncode == 0, out.stderr[-3000:]
     a = torch.load(os.path.join(one, "checkpoint.pth"), weights_only=False)
     b = torch.load(os.path.join(two, "checkpoint.pth"), weights_only=False)
@@ -133,12 +127,8 @@ def test_semi_supervised_finetuning_under_torchrun(pretrained, tmp_path):
     """Table 2's protocol on 2 gloo processes: 10% of the labels (5 per class here), the
     whole network trained, top-1 / top-5 on val."""
     out_dir = str(tmp_path / "ft")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", os.path.join(ROOT, "lincls.py"), "--checkpoint", str(pretrained),
-           "--out-dir", out_dir, "--mode", "finetune", "--labels", "10", "--epochs", "2", "--batch-size", "8",
-           "--workers", "0"]
-    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                         timeout=600)
+    out = torchrun("lincls.py", ["--checkpoint", str(pretrained), "--out-dir", out_dir, "--mode", "finetune",
+                                 "--labels", "10", "--epochs", "2", "--batch-size", "8", "--workers", "0"])
     assert out.returncode == 0, out.stderr[-3000:]
     with open(os.path.join(out_dir, "results.json")) as f:
         res = json.load(f)

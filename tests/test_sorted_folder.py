@@ -5,8 +5,6 @@ find), and the ImageNet preset must train, resume and evaluate under torchrun on
 
 import json
 import os
-import subprocess
-import sys
 import types
 
 import torch
@@ -15,7 +13,7 @@ import data
 import evaluate as ev
 import train
 import utils
-from conftest import ROOT, free_port, needs_fmnist, write_class_folder
+from conftest import needs_fmnist, torchrun, write_class_folder
 from model import SiamMM
 
 CPU = torch.device("cpu")
@@ -81,13 +79,6 @@ def test_evaluate_embeds_like_the_feature_pass_and_keeps_the_data_set_order(sort
     assert torch.equal(split.raw[:8], ordered.flatten(1))      # raw pixels of the same view, in order
 
 
-def torchrun(nproc, argv, cwd=ROOT, extra=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *extra,
-           os.path.join(ROOT, "train.py")] + argv
-    return subprocess.run(cmd, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=900)
-
-
 @needs_fmnist
 def test_imagenet_preset_under_torchrun_on_a_sorted_jpeg_folder(tmp_path):
     """The ImageNet preset (ResNet-50 at 224 px, LARS, K0, PCA kappa, merging), changed only
@@ -101,15 +92,14 @@ def test_imagenet_preset_under_torchrun_on_a_sorted_jpeg_folder(tmp_path):
              "--feature-batch-size", "8", "--workers", "0", "--stop-after-epoch", "1"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     train.main(flags + ["--out-dir", one])
-    res = torchrun(2, flags + ["--out-dir", two], extra=["--master_addr=127.0.0.1", f"--master_port={free_port()}"])
+    res = torchrun("train.py", flags + ["--out-dir", two])
     assert res.returncode == 0, res.stderr[-3000:]
     a = torch.load(os.path.join(one, "checkpoint.pth"), weights_only=False)["mixture"]
     b = torch.load(os.path.join(two, "checkpoint.pth"), weights_only=False)["mixture"]
     assert torch.equal(a["counts"], b["counts"])
     assert torch.allclose(a["centroids"], b["centroids"], atol=1e-5)
     assert torch.allclose(a["kappa"], b["kappa"], rtol=1e-4)
-    res = torchrun(2, flags[:-2] + ["--out-dir", two, "--resume", "auto"],
-                   extra=["--master_addr=127.0.0.1", f"--master_port={free_port()}"])
+    res = torchrun("train.py", flags[:-2] + ["--out-dir", two, "--resume", "auto"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout
     ckpt = torch.load(os.path.join(two, "checkpoint.pth"), weights_only=False)
@@ -117,9 +107,7 @@ def test_imagenet_preset_under_torchrun_on_a_sorted_jpeg_folder(tmp_path):
     # evaluate.py, Table 3's command, on 2 processes (each embeds its share) and on one
     eval_flags = ["--checkpoint", os.path.join(two, "checkpoint.pth"), "--workers", "0", "--probe-epochs", "2",
                   "--grid-clusters", "2", "--kmeans-redo", "1", "--batch-size", "4", "--knn-k", "5"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", os.path.join(ROOT, "evaluate.py")] + eval_flags + ["--out-dir", str(tmp_path / "e2")]
-    res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
+    res = torchrun("evaluate.py", eval_flags + ["--out-dir", str(tmp_path / "e2")])
     assert res.returncode == 0, res.stderr[-3000:]
     with open(tmp_path / "e2" / "results.json") as f:
         two_procs = json.load(f)

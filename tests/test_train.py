@@ -4,14 +4,13 @@ merging, torchrun DDP against one process, exact resume, and the one-line errors
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import train
 import utils
-from conftest import ROOT, free_port
+from conftest import TORCHRUN_ENV, free_port, torchrun, torchrun_cmd
 
 # A run small enough for 2 CPU cores: 128 real images at 16 px, tiny heads, 2 epochs.
 TINY = ["--subset", "128", "--batch-size", "32", "--img-size", "16", "--epochs", "2", "--workers", "0",
@@ -91,10 +90,7 @@ def test_torchrun_two_processes_match_one_process_clustering(tmp_path):
     one = str(tmp_path / "one")
     train.main(common + ["--out-dir", one])
     two = str(tmp_path / "two")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", os.path.join(ROOT, "train.py")] + common + ["--out-dir", two]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res = torchrun("train.py", common + ["--out-dir", two])
     assert res.returncode == 0, res.stderr[-3000:]
     a = torch.load(os.path.join(one, "checkpoint_epoch1.pth"), weights_only=False)["mixture"]
     b = torch.load(os.path.join(two, "checkpoint_epoch1.pth"), weights_only=False)["mixture"]
@@ -281,10 +277,9 @@ def test_nodes_without_a_shared_out_dir_stop_with_one_line(tmp_path):
     port = free_port()
     procs = []
     for rank, cwd in enumerate((node0, node1)):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
-               "--master_addr=127.0.0.1", f"--master_port={port}", os.path.join(ROOT, "train.py")] + TINY + \
-              ["--epochs", "2", "--out-dir", "shared", "--resume", "auto"]
-        procs.append(subprocess.Popen(cmd, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        cmd = torchrun_cmd("train.py", TINY + ["--epochs", "2", "--out-dir", "shared", "--resume", "auto"], nproc=1,
+                           launcher=["--nnodes=2", f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}"])
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=TORCHRUN_ENV,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for p in procs:
         _, err = p.communicate(timeout=300)
