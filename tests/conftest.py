@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -51,3 +52,34 @@ def torchrun(script, argv, nproc=2, cwd=ROOT, timeout=900):
     """Run torchrun_cmd to the end; returns the CompletedProcess (stdout, stderr as text)."""
     return subprocess.run(torchrun_cmd(script, argv, nproc), cwd=cwd, env=TORCHRUN_ENV, capture_output=True,
                           text=True, timeout=timeout)
+
+
+GLOO_HEADER = """
+import os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+"""
+GLOO_FOOTER = """
+if __name__ == "__main__":
+    rank, world = int(sys.argv[1]), int(sys.argv[2])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[3], rank=rank, world_size=world)
+    torch.save(main(rank, world), sys.argv[4] + f".rank{{rank}}")
+    dist.barrier()
+    dist.destroy_process_group()
+"""
+
+
+def gloo_ranks(tmp_path, body, world=2, timeout=120):
+    """Run `body` (Python source defining main(rank, world) -> anything torch.save can write)
+    on `world` gloo processes on this host; returns each rank's result, in rank order."""
+    script = tmp_path / "gloo_worker.py"
+    script.write_text(GLOO_HEADER.format(root=ROOT) + textwrap.dedent(body) + GLOO_FOOTER.format())
+    port, out = str(free_port()), str(tmp_path / "gloo_out")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), port, out], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    import torch
+    return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(world)]

@@ -300,6 +300,30 @@ def test_infonce_hand_computed(temp):
     assert got.item() == pytest.approx(exp, abs=1e-12)
 
 
+INFONCE_RANKS = """
+from loss import infonce_loss
+
+def main(rank, world):
+    g = torch.Generator().manual_seed(0)                     # the same joint batch on every rank
+    q1, q2, k1, k2 = (torch.nn.functional.normalize(torch.randn(world * 4, 8, generator=g), dim=1) for _ in range(4))
+    mine = slice(4 * rank, 4 * rank + 4)
+    return float(infonce_loss(q1[mine], q2[mine], k1[mine], k2[mine], temperature=0.5))
+"""
+
+
+def test_infonce_on_two_ranks_is_one_process_on_the_joint_batch(tmp_path):
+    """MoCo v3 under DDP: each rank's queries score against every rank's keys, and its
+    positives sit at the offset of its own keys in the gathered set (labels + B x rank); the
+    mean over ranks is then the one-process loss on the joint batch."""
+    from conftest import gloo_ranks
+    per_rank = gloo_ranks(tmp_path, INFONCE_RANKS)
+    g = torch.Generator().manual_seed(0)
+    q1, q2, k1, k2 = (torch.nn.functional.normalize(torch.randn(8, 8, generator=g), dim=1) for _ in range(4))
+    joint = float(infonce_loss(q1, q2, k1, k2, temperature=0.5))
+    assert sum(per_rank) / 2 == pytest.approx(joint, rel=1e-6)
+    assert per_rank[0] != pytest.approx(per_rank[1])          # two different halves, two different losses
+
+
 def test_infonce_default_temperature_is_one_and_no_grad_into_k():
     q1, q2, k1, k2 = _views()
     k1.requires_grad_(), k2.requires_grad_()
@@ -340,13 +364,22 @@ def test_neg_centroids_hand_computed():
 
 
 def test_neg_centroids_subsampled_negatives():
-    # num_neg < K: a random subset of negatives, so the loss is between 0 and the all-negatives loss
-    nbr = torch.tensor([[0], [3]])
-    full = ref_neg_centroids(Q, MU, KAPPA, [0, 3], 0.2)
-    torch.manual_seed(0)
-    for _ in range(10):
-        got = cluster_loss_neg_centroids(T(Q), T(MU), T(KAPPA), nbr, num_neg=2, temperature=0.2).item()
-        assert 0.0 <= got <= full + 1e-12
+    """num_neg < K: PCL's random subset of negative centroids, drawn per batch from torch's RNG
+    (randperm(K)[:num_neg]), the positive masked out where the draw holds it."""
+    nbr, pos, temp = torch.tensor([[0], [3]]), [0, 3], 0.2
+    full = ref_neg_centroids(Q, MU, KAPPA, pos, temp)
+    seen = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        neg = torch.randperm(len(MU))[:2].tolist()
+        want = sum(neg_log_softmax0([KAPPA[p] * dot(MU[p], Q[i]) / temp]
+                                    + [KAPPA[j] * dot(MU[j], Q[i]) / temp for j in neg if j != p])
+                   for i, p in enumerate(pos)) / 2
+        torch.manual_seed(seed)
+        got = cluster_loss_neg_centroids(T(Q), T(MU), T(KAPPA), nbr, num_neg=2, temperature=temp).item()
+        assert got == pytest.approx(want, abs=1e-10), seed
+        seen.add(round(got, 8))
+    assert len(seen) > 2 and all(abs(v - full) > 1e-6 for v in seen)   # subsets, not all the negatives
 
 
 def test_neg_centroids_gradients_and_single_cluster():
