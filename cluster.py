@@ -1,7 +1,7 @@
 """
 The mixture model of SiamMM: a von Mises-Fisher (vMF) mixture over the unit-norm momentum
-features z_i, refit once per epoch (sec. 4, 5.1). This file owns the E-step and the M-step
-end to end, one function per equation, and merging:
+features z_i, refit once per epoch (sec. 4, 5.1). The equations first, one function each,
+then the mixture that runs them:
 
     nearest_centroid      eq. 8    hard E-step: gamma_ik = 1 for the nearest centroid
     cluster_sums          eq. 5    r_k = sum_i gamma_ik z_i,  n_k = sum_i gamma_ik
@@ -9,13 +9,14 @@ end to end, one function per equation, and merging:
     kappa_mle             eq. 7    kappa_k = rbar_k (D - rbar_k^2) / (1 - rbar_k^2)
     kappa_pca             eq. 16   eq. 7 in the top d' principal directions
     assignment_weights    eq. 10   soft weights over each sample's s nearest centroids
+    merge_pairs_eq11      eq. 11   merge j, k if d_jk < E[d] - lambda sigma[d] (sec. 4.2)
     VMFMixture.fit                 spherical k-means warm-started from last epoch (sec. 4.3)
-    VMFMixture.merge      eq. 11   merge j, k if d_jk < E[d] - lambda sigma[d] (sec. 4.2)
+    VMFMixture.merge               merges the pairs a rule in MERGE_RULES picks
 
-Eq. 2-4: the vMF density on the unit sphere in D dimensions and the mixture,
-    f(z | mu, kappa) = C_D(kappa) exp(kappa mu.z),
-    C_D(kappa) = kappa^(D/2 - 1) / ((2 pi)^(D/2) I_(D/2 - 1)(kappa)),
-    p(z) = sum_k pi_k f(z | mu_k, kappa_k).
+The vMF density on the unit sphere in D dimensions and the mixture (sec. 3.3):
+    Eq. 2:  p(z) = sum_k pi_k f(z | mu_k, kappa_k), pi_k the prior of cluster k;
+    Eq. 3:  f(z | mu, kappa) = C_D(kappa) exp(kappa mu.z);
+    Eq. 4:  C_D(kappa) = kappa^(D/2 - 1) / ((2 pi)^(D/2) I_(D/2 - 1)(kappa)).
 No function evaluates C_D: eq. 9's log-likelihood is taken with mu and kappa fixed, so
 log C_D(kappa_k) is a constant in the prediction q and drops (loss.cluster_loss), and the
 M-step estimates kappa from the mean resultant length (eq. 7) instead of through C_D.
@@ -25,150 +26,27 @@ Scale (ImageNet: N = 1.28M, D = 256, K0 = 100,000, 8 GPUs) shapes the code:
   quantity is a sum over samples (r_k, n_k, the D x D second moment for PCA, the objective),
   so ranks all-reduce K x D or D x D tensors and no rank ever holds the N x D matrix.
   With no process group the same code runs on one process.
-- The nearest-centroid searches run where the training runs (knn_search): on a GPU, 160k x
-  100k x 256 per rank is a fraction of a second; on one CPU thread (torchrun's default)
-  it would be about 87 s, several times an epoch.
+- The nearest-centroid searches run where the training runs (search.knn_search): on a GPU,
+  160k x 100k x 256 per rank is a fraction of a second; on one CPU thread about 87 s.
 - Merging never forms the K x K distance matrix: E[d] and sigma[d] come from sums over the
-  centroids (VMFMixture.distance_moments) and candidate pairs from a nearest-neighbour
-  search among centroids (close_pairs).
+  centroids (distance_moments) and candidate pairs from a nearest-neighbour search among
+  the centroids (search.close_pairs).
 """
 
-import math
+from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
-import torch.distributed as dist
-from tqdm import tqdm
 
-
-# ----------------------------------------------------------------------------- processes
-def _dist():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce(t):
-    """Sum over ranks in place (no-op on one process). Tensors live on the device of the
-    process group's backend: callers pass CPU tensors for gloo and CUDA tensors for NCCL."""
-    if _dist():
-        dist.all_reduce(t)
-    return t
-
-
-def _reduce_device():
-    """NCCL only reduces CUDA tensors; gloo reduces CPU ones."""
-    if _dist() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------- search
-# Up to this many centroids, merging searches all pairs exactly (Faiss kNN); above it, on a
-# CPU, within coarse cells (close_pairs). Exact search at K = 8,000 costs about as much as
-# the cell search at K = 100,000.
-EXACT_MAX = 8000
-
-
-def faiss_has_gpu():
-    """True where Faiss was built with GPU support and sees a GPU (faiss-gpu on a GPU machine)."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-_GPU_RES = None
-
-
-def _gpu_resources():
-    global _GPU_RES
-    if _GPU_RES is None:
-        _GPU_RES = faiss.StandardGpuResources()
-    return _GPU_RES
-
-
-def flat_ip_index(dim, device=None):
-    """An exact inner-product Faiss index: on the GPU `device` (this process's own, never every
-    visible one) when Faiss was built with GPU support, else on the CPU."""
-    index = faiss.IndexFlatIP(dim)
-    device = torch.device(device or "cpu")
-    if device.type == "cuda" and faiss_has_gpu():
-        # Faiss allocates outside PyTorch's caching allocator: hand it what PyTorch holds unused
-        torch.cuda.empty_cache()
-        index = faiss.index_cpu_to_gpu(_gpu_resources(), device.index or 0, index)
-    return index
-
-
-def knn_search(queries, database, k, device=None):
-    """Exact inner-product search: for each query row, the k database rows with the largest
-    dot product (= cosine similarity for unit vectors). Returns (sims, ids) as numpy arrays.
-
-    device: where the search runs. The CPU (default): Faiss. A CUDA device: Faiss's GPU
-    index there when Faiss was built with GPU support (faiss-gpu), else torch on that GPU
-    (torch_search). A GPU run never falls back to CPU Faiss: torchrun gives each process one
-    thread, and one E-step search at ImageNet scale (160k x 100k x 256 per rank, 8.2 TFLOP)
-    takes about 87 s on one CPU thread against well under a second on a GPU."""
-    device = torch.device(device or "cpu")
-    if device.type == "cuda" and not faiss_has_gpu():
-        return torch_search(queries, database, k, device)
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    db = np.ascontiguousarray(database, dtype=np.float32)
-    index = flat_ip_index(db.shape[1], device)
-    index.add(db)
-    return index.search(q, k)
-
-
-def search_backend(device):
-    """What knn_search runs on `device`, in words (train.py says it at start)."""
-    device = torch.device(device or "cpu")
-    if device.type != "cuda":
-        return f"Faiss on the CPU ({torch.get_num_threads()} threads)"
-    return f"Faiss on {device}" if faiss_has_gpu() else f"torch on {device} (this Faiss has no GPU support)"
-
-
-def torch_search(queries, database, k, device, budget=2 ** 28, exclude_self=False, normalize=False, desc=None):
-    """knn_search with torch, exact, in fp32 with TF32 off (its 10-bit mantissa would blur
-    near ties): blocks of database rows, each converted to fp32 on `device` once, times
-    chunks of queries, each similarity block at most `budget` floats (1 GiB), with a running
-    top-k. The database may be a half-precision tensor (evaluate.py keeps its features so)
-    and is never copied whole. exclude_self: the queries are the database's own rows, in
-    order, and no row finds itself (a leave-one-out search). normalize: L2-normalise rows
-    and queries as they are taken (cosine search over unnormalised features). desc: show a
-    progress bar under this name. Returns (sims, ids), numpy."""
-    db, q = torch.as_tensor(database), torch.as_tensor(queries)
-    nq, ndb = q.shape[0], db.shape[0]
-    k = min(k, ndb - 1 if exclude_self else ndb)
-    best_v = torch.full((nq, k), -float("inf"), device=device)
-    best_i = torch.full((nq, k), -1, dtype=torch.long, device=device)
-    block = min(max(ndb, 1), 65536)
-    chunk = max(1, budget // block)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    bar = tqdm(total=math.ceil(ndb / block) * math.ceil(nq / chunk), desc=desc, leave=False, disable=desc is None)
-    try:
-        for b0 in range(0, ndb, block):
-            rows = db[b0:b0 + block].to(device=device, dtype=torch.float32)
-            rows = torch.nn.functional.normalize(rows, dim=1) if normalize else rows
-            for s in range(0, nq, chunk):
-                qs = q[s:s + chunk].to(device=device, dtype=torch.float32)
-                sims = (torch.nn.functional.normalize(qs, dim=1) if normalize else qs) @ rows.T
-                if exclude_self:   # query s + i is database row s + i
-                    i = torch.arange(s, s + sims.shape[0], device=device)
-                    mine = (i >= b0) & (i < b0 + rows.shape[0])
-                    sims[mine.nonzero()[:, 0], (i - b0)[mine]] = -float("inf")
-                v, j = sims.topk(min(k, sims.shape[1]), dim=1)
-                v, pick = torch.cat([best_v[s:s + chunk], v], 1).topk(k, dim=1)
-                best_i[s:s + chunk] = torch.cat([best_i[s:s + chunk], j + b0], 1).gather(1, pick)
-                best_v[s:s + chunk] = v
-                bar.update(1)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        bar.close()
-    return best_v.cpu().numpy(), best_i.cpu().numpy()
+import search
+from utils import all_reduce, gather_rows
 
 
 # ----------------------------------------------------------------------------- the E and M steps
 def nearest_centroid(feats, centroids, device=None):
     """Eq. 8: the hard E-step, gamma_ik = 1 for the centroid nearest to z_i by cosine (the
     largest mu_k.z_i), 0 for every other k. Returns (cosine to it, its id), numpy arrays."""
-    sims, ids = knn_search(np.asarray(feats), np.asarray(centroids), 1, device)
+    sims, ids = search.knn_search(np.asarray(feats), np.asarray(centroids), 1, device)
     return sims[:, 0], ids[:, 0]
 
 
@@ -179,8 +57,7 @@ def cluster_sums(feats, ids, K):
     ids = torch.as_tensor(ids).long()
     r = torch.zeros(K, feats.shape[1], dtype=torch.float64).index_add_(0, ids, feats.double())
     n = torch.bincount(ids, minlength=K).double()
-    dev = _reduce_device()
-    return _all_reduce(r.to(dev)).cpu(), _all_reduce(n.to(dev)).cpu()
+    return all_reduce(r), all_reduce(n)
 
 
 def mean_directions(r, n, centroids):
@@ -208,10 +85,9 @@ def principal_directions(feats, n_total, d, device=None):
     all-reduced sum and D x D second moment (no rank holds N x D). The product runs on the
     search device: 21 GFLOP in float64 at 160k x 256 per rank, seconds on one CPU thread
     (torchrun's default), milliseconds on a GPU."""
-    dev = _reduce_device()
     f = feats.to(device or "cpu").double()
-    s1 = _all_reduce(f.sum(0).to(dev)).cpu()
-    s2 = _all_reduce((f.T @ f).to(dev)).cpu()
+    s1 = all_reduce(f.sum(0)).cpu()
+    s2 = all_reduce(f.T @ f).cpu()
     del f
     mean = s1 / n_total
     cov = s2 / n_total - torch.outer(mean, mean)
@@ -251,65 +127,44 @@ def assignment_weights(z, centroids, kappa, nbr, tau, log_prior=None):
     return torch.softmax(logits, dim=1)
 
 
-# ----------------------------------------------------------------------------- merging helpers (eq. 11)
-def close_pairs(centroids, thresh, neighbours=5, exact_max=EXACT_MAX, seed=0, device=None):
-    """Candidate pairs (j < k) of unit centroids with d_jk = 1 - mu_j.mu_k < thresh, as
-    numpy arrays (rows, cols, d). Only close pairs matter for eq. 11, so the K x K matrix
-    is never formed:
-    - K <= exact_max, or a GPU `device`: each centroid's `neighbours` nearest centroids by
-      exact search (each cluster merges at most once per call, so a few suffice);
-    - larger K on a CPU: exact all-pairs search at K = 100,000 is 2.6e12 flops (tens of
-      seconds on 2 cores). Instead a coarse spherical k-means (Faiss) cuts the sphere into
-      sqrt(K) cells and pairs are compared inside each cell (~1/sqrt(K) of the work; cells
-      of similar size share one batched product, see _pairs_within_cells). A close pair
-      split by a cell border is missed this time and found at a later epoch's merge."""
-    K, D = centroids.shape
-    c = np.ascontiguousarray(centroids, dtype=np.float32)
-    if K <= exact_max or torch.device(device or "cpu").type == "cuda":
-        sims, ids = knn_search(c, c, min(neighbours + 1, K), device)
-        rows = np.repeat(np.arange(K), ids.shape[1])
-        cols, d = ids.reshape(-1), 1 - sims.reshape(-1)
-    else:
-        ncell = int(math.sqrt(K))
-        km = faiss.Kmeans(D, ncell, niter=10, spherical=True, seed=seed, max_points_per_centroid=32)
-        km.train(c)
-        cell = torch.from_numpy(km.index.search(c, 1)[1][:, 0])
-        rows, cols, d = _pairs_within_cells(torch.from_numpy(c), cell, ncell, neighbours)
-    lo, hi = np.minimum(rows, cols), np.maximum(rows, cols)
-    ok = (cols >= 0) & (lo != hi) & (d < thresh)
-    # the same pair can come from both of its ends: keep it once
-    key = np.unique(lo[ok].astype(np.int64) * K + hi[ok], return_index=True)[1]
-    return lo[ok][key], hi[ok][key], d[ok][key]
-
-
-def _pairs_within_cells(M, cell, ncell, neighbours, batch=8):
-    """For each row of M (unit vectors), its `neighbours` most similar rows in the same cell,
-    as numpy arrays (rows, cols, d = 1 - cos). Cells of similar size go together through one
-    batched matrix product (zero-padded to the largest of the batch) rather than one small
-    product per cell: ~300 tiny products and top-k's cost more in per-call thread wake-ups
-    than in arithmetic on a small (or busy) CPU. Batches of 8 keep each block in cache."""
+# ----------------------------------------------------------------------------- merging (sec. 4.2)
+def distance_moments(centroids):
+    """Mean and standard deviation of d_jk = 1 - mu_j.mu_k over all pairs j < k, exactly,
+    without the K x K matrix (10^10 entries at K = 100,000). With M the K x D matrix of
+    unit centroids:
+        sum_{j != k} mu_j.mu_k     = ||sum_j mu_j||^2 - K
+        sum_{j != k} (mu_j.mu_k)^2 = ||M^T M||_F^2 - K
+    and each unordered pair appears twice in the ordered sums."""
+    M = centroids
     K = M.shape[0]
-    size = torch.bincount(cell, minlength=ncell)
-    order = torch.argsort(cell, stable=True)               # members of each cell, contiguous
-    start = size.cumsum(0) - size
-    by_size = torch.argsort(size)                          # batch cells of similar size
-    rows, cols, d = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)], [torch.zeros(0)]
-    for i in range(0, ncell, batch):
-        cs = by_size[i:i + batch]
-        m = int(size[cs].max())
-        if m < 2:
-            continue
-        slot = torch.arange(m)
-        valid = slot < size[cs, None]                      # B x m: a real member, not padding
-        mem = torch.where(valid, order[(start[cs, None] + slot).clamp(max=K - 1)], -1)
-        X = M[mem.clamp(min=0)] * valid[..., None]
-        sim = torch.bmm(X, X.transpose(1, 2))
-        sim.masked_fill_(~valid[:, None, :], -3).diagonal(dim1=1, dim2=2).fill_(-3)  # no padding, no self
-        s, k = sim.topk(min(neighbours, m - 1), dim=2)
-        nbr = mem.gather(1, k.flatten(1)).view_as(k)
-        ok = valid[..., None] & (s > -2)                   # real member, real neighbour (cos >= -1)
-        rows.append(mem[..., None].expand_as(k)[ok]), cols.append(nbr[ok]), d.append(1 - s[ok])
-    return torch.cat(rows).numpy(), torch.cat(cols).numpy(), torch.cat(d).numpy()
+    pairs = K * (K - 1)
+    # fp32 sum (cascaded, ~1e-7 relative) then double: a K x D float64 copy would cost
+    # more than the whole D x D product below at K = 100,000 (0.2 GB of fresh memory)
+    s1 = (M.sum(0).double().square().sum() - K) / pairs     # E[cos]
+    s2 = ((M.T @ M).double().square().sum() - K) / pairs    # E[cos^2] (D x D product in fp32)
+    mean_d = 1 - s1                                         # E[1 - cos]
+    var_d = (s2 - s1 ** 2).clamp(min=0)                     # Var[1 - cos] = Var[cos]
+    return mean_d.item(), var_d.sqrt().item()
+
+
+def merge_pairs_eq11(mixture, merge_lambda, neighbours=5, **_):
+    """Eq. 11: clusters j and k are a candidate pair if d_jk < E[d] - lambda sigma[d], with
+    d_jk = 1 - mu_j.mu_k and E[d], sigma[d] over all pairs j < k (sec. 4.2; lambda is
+    --merge-lambda). Only close pairs are looked at: each centroid's `neighbours` nearest
+    centroids (search.close_pairs). Returns (rows, cols, d) with d the order in which they
+    merge (closest first) and what the log records of the rule."""
+    mean_d, std_d = distance_moments(mixture.centroids)
+    thresh = mean_d - merge_lambda * std_d
+    rows, cols, d = search.close_pairs(mixture.centroids.numpy(), thresh, neighbours, seed=mixture.seed,
+                                       device=mixture.device)
+    return rows, cols, d, {"merge_threshold": thresh}
+
+
+# The merge rules --merge-rule chooses from. A rule is called with the mixture and the run's
+# flags (it takes the ones it names) and returns candidate pairs (rows, cols, order: lowest
+# merges first) and a dict for the log; VMFMixture.merge does the rest. A new rule is a
+# function here and its entry in this table.
+MERGE_RULES = {"eq11": merge_pairs_eq11}
 
 
 def greedy_matching(rows, cols, d, n, max_pairs=None):
@@ -336,26 +191,44 @@ def greedy_matching(rows, cols, d, n, max_pairs=None):
     return d_rows[taken], d_cols[taken]
 
 
+# ----------------------------------------------------------------------------- the mixture
+@dataclass
+class Assignment:
+    """This epoch's E-step as the training step uses it (eq. 9, 10): every cluster's mean
+    direction and kappa (normalised for the loss), and each sample's s nearest centroids
+    `nbr` with their weights `w`, as N x s tables indexed by dataset index, or a batch's rows
+    of them (rows())."""
+    centroids: torch.Tensor
+    kappa: torch.Tensor
+    nbr: torch.Tensor
+    w: torch.Tensor
+
+    def rows(self, idx):
+        return Assignment(self.centroids, self.kappa, self.nbr[idx], self.w[idx])
+
 
 class VMFMixture:
-    """State: centroids mu (K x D, unit norm), counts n_k, kappa_k, and K per epoch.
+    """State: centroids mu (K x D, unit norm), counts n_k, kappa_k, and K per epoch. All of it
+    is in state_dict(): what a checkpoint saves and what rank 0 sends the other ranks after
+    merging, so state added here travels with it.
 
-    kappa_mode: "pca" (eq. 16, appendix 10.1), "mle" (eq. 7), "const" (Table 7's ablation).
-    reinit: the PCL-style ablation (Table 7, Fig. 7): fresh random init every epoch with
-    nredo restarts, keeping the best objective, instead of the warm start of sec. 4.3.
-    device: where the nearest-centroid searches run (knn_search): the training's GPU, or the
-    CPU. The M-step sums stay on the CPU in float64 (K x D, all-reduced).
+    The keywords are the train.py flags they come from. kappa: "pca" (eq. 16, appendix 10.1),
+    "mle" (eq. 7), "const" (Table 7's ablation). reinit_centroids: the PCL-style ablation
+    (Table 7, Fig. 7): fresh random init every epoch with nredo restarts, keeping the best
+    objective, instead of the warm start of sec. 4.3. kappa_clip: see _kappa and
+    kappa_for_loss. device: where the nearest-centroid searches run (the training's GPU, or
+    the CPU); the M-step sums stay on the CPU in float64 (K x D, all-reduced).
     """
 
-    def __init__(self, dim, num_clusters, kappa_mode="pca", pca_dim=150, init_iters=20,
-                 iters=3, tol=1e-4, reinit=False, nredo=5, kappa_clip=10.0, seed=0, device=None):
-        if kappa_mode not in ("pca", "mle", "const"):
-            raise ValueError(f"unknown --kappa {kappa_mode!r}: pca, mle or const")
+    def __init__(self, dim, num_clusters, *, kappa="pca", pca_dim=150, init_iters=20, kmeans_iters=3, tol=1e-4,
+                 reinit_centroids=False, nredo=5, kappa_clip=10.0, seed=0, device=None):
+        if kappa not in ("pca", "mle", "const"):
+            raise ValueError(f"unknown --kappa {kappa!r}: pca, mle or const")
         self.dim, self.num_clusters = dim, num_clusters
-        self.kappa_mode, self.pca_dim = kappa_mode, min(pca_dim, dim)
-        self.init_iters, self.iters, self.tol = init_iters, iters, tol
-        self.reinit, self.nredo, self.kappa_clip, self.seed = reinit, nredo, kappa_clip, seed
-        self.device = device                       # where the searches run (knn_search)
+        self.kappa_mode, self.pca_dim = kappa, min(pca_dim, dim)
+        self.init_iters, self.kmeans_iters, self.tol = init_iters, kmeans_iters, tol
+        self.reinit_centroids, self.nredo, self.kappa_clip, self.seed = reinit_centroids, nredo, kappa_clip, seed
+        self.device = device
         self.centroids = None                      # K x D float32, unit rows
         self.counts = None                         # K, int64
         self.kappa = None                          # K, float32 (raw estimate)
@@ -366,28 +239,39 @@ class VMFMixture:
         self.dropped = 0                           # empty clusters dropped by the last fit
 
     # ------------------------------------------------------------------ E/M steps (sec. 4.3)
-    def _check(self, feats, index, n_total):
-        if feats.ndim != 2 or feats.shape[1] != self.dim:
-            raise ValueError(f"features have shape {tuple(feats.shape)}, the mixture expects D = {self.dim}: "
-                             "a checkpoint from a model with another --dim?")
-        if not torch.isfinite(feats).all():
-            raise ValueError("features contain NaN or inf: the encoder has diverged (lower --lr, or resume an earlier checkpoint)")
-        if index.shape[0] != feats.shape[0]:
-            raise ValueError("index and features differ in length")
-        if index.numel() and (index.min() < 0 or index.max() >= n_total):
-            raise ValueError(f"sample index {int(index.max() if index.max() >= n_total else index.min())} is outside "
-                             f"0..{n_total - 1}: indices must be positions in the data set (N = {n_total})")
-        if self.num_clusters > n_total:
-            raise ValueError(f"--num-clusters {self.num_clusters} is larger than the number of samples N = {n_total}: "
-                             "use fewer clusters")
+    @torch.no_grad()
+    def fit(self, feats, index, n_total):
+        """This epoch's E/M steps on this rank's features.
 
-    def _sums(self, feats, centroids):
-        """One E-step (eq. 8) on this rank's shard and the all-reduced M-step sums (eq. 5).
-        Returns r (K x D, float64), n (K,) and the sum of every sample's cosine to its centroid."""
-        sims, ids = nearest_centroid(feats.numpy(), centroids.numpy(), self.device)
-        r, n = cluster_sums(feats, ids, centroids.shape[0])
-        obj = torch.tensor([float(sims.astype(np.float64).sum())], dtype=torch.float64)
-        return r, n, _all_reduce(obj.to(_reduce_device())).cpu().item()
+        feats: (n_local x D) unit-norm momentum features; index: (n_local,) their dataset
+        indices (distinct over all ranks: no sampler padding); n_total: N over all ranks.
+        First call: k-means from a random init (init_iters iterations). Later calls: warm
+        start from the previous centroids with kmeans_iters iterations (sec. 4.3), or with
+        reinit_centroids, fresh k-means with nredo restarts keeping the best objective (PCL).
+        Then drops empty clusters and estimates kappa (eq. 7 / 16)."""
+        feats = feats.float().cpu().contiguous()
+        index = index.long().cpu()
+        self._check(feats, index, n_total)
+        if self.centroids is None or self.reinit_centroids:
+            # K0 the first time; afterwards the current K, so that re-initialising (the Table 7
+            # ablation) changes only where the centroids start, not what merging has done
+            k = self.num_clusters if self.centroids is None else self.centroids.shape[0]
+            best = None
+            for redo in range(self.nredo if self.reinit_centroids else 1):
+                init = self._random_init(feats, index, n_total, self.seed + 1000 * self.fits + redo, k)
+                out = self._lloyd(feats, init, self.init_iters, n_total)
+                if best is None or out[3] > best[3]:
+                    best = out
+            centroids, r, n, obj, it = best
+        else:
+            centroids, r, n, obj, it = self._lloyd(feats, self.centroids, self.kmeans_iters, n_total)
+        self.fits += 1
+        keep = n > 0                                   # empty clusters have pi_k = 0: drop them
+        self.dropped = int((~keep).sum())              # logged: K also falls this way, not only by merging
+        self.centroids, self.counts = centroids[keep].contiguous(), n[keep].long()
+        self.objective, self.n_iter = obj / n_total, it
+        self.kappa = self._kappa(feats, r[keep], n[keep], n_total)
+        return self
 
     def _lloyd(self, feats, centroids, iters, n_total):
         """Spherical k-means from the given centroids: each iteration an E-step (eq. 8) and
@@ -404,6 +288,14 @@ class VMFMixture:
             prev = obj / n_total
         return centroids, r, n, obj, it
 
+    def _sums(self, feats, centroids):
+        """One E-step (eq. 8) on this rank's shard and the all-reduced M-step sums (eq. 5).
+        Returns r (K x D, float64), n (K,) and the sum of every sample's cosine to its centroid."""
+        sims, ids = nearest_centroid(feats.numpy(), centroids.numpy(), self.device)
+        r, n = cluster_sums(feats, ids, centroids.shape[0])
+        obj = torch.tensor([float(sims.astype(np.float64).sum())], dtype=torch.float64)
+        return r, n, all_reduce(obj).item()
+
     def _random_init(self, feats, index, n_total, seed, k):
         """k features chosen uniformly at random from all N (Faiss's own init). The choice
         depends only on the seed and N, not on how the data is sharded over ranks: every
@@ -415,47 +307,29 @@ class VMFMixture:
         mine = slot[index]
         init = torch.zeros(k, self.dim, dtype=torch.float32)
         init[mine[mine >= 0]] = feats[mine >= 0]
-        return _all_reduce(init.to(_reduce_device())).cpu()
+        return all_reduce(init)
 
-    @torch.no_grad()
-    def fit(self, feats, index, n_total):
-        """This epoch's E/M steps on this rank's features.
+    def _check(self, feats, index, n_total):
+        if feats.ndim != 2 or feats.shape[1] != self.dim:
+            raise ValueError(f"features have shape {tuple(feats.shape)}, the mixture expects D = {self.dim}: "
+                             "a checkpoint from a model with another --dim?")
+        if not torch.isfinite(feats).all():
+            raise ValueError("features contain NaN or inf: the encoder has diverged (lower --lr, or resume an earlier checkpoint)")
+        if index.shape[0] != feats.shape[0]:
+            raise ValueError("index and features differ in length")
+        if index.numel() and (index.min() < 0 or index.max() >= n_total):
+            raise ValueError(f"sample index {int(index.max() if index.max() >= n_total else index.min())} is outside "
+                             f"0..{n_total - 1}: indices must be positions in the data set (N = {n_total})")
+        if self.num_clusters > n_total:
+            raise ValueError(f"--num-clusters {self.num_clusters} is larger than the number of samples N = {n_total}: "
+                             "use fewer clusters")
 
-        feats: (n_local x D) unit-norm momentum features; index: (n_local,) their dataset
-        indices (distinct over all ranks: no sampler padding); n_total: N over all ranks.
-        First call: k-means from a random init (init_iters iterations). Later calls: warm
-        start from the previous centroids with `iters` iterations (sec. 4.3), or with
-        reinit=True, fresh k-means with nredo restarts keeping the best objective (PCL).
-        Then drops empty clusters and estimates kappa (eq. 7 / 16)."""
-        feats = feats.float().cpu().contiguous()
-        index = index.long().cpu()
-        self._check(feats, index, n_total)
-        if self.centroids is None or self.reinit:
-            # K0 the first time; afterwards the current K, so that re-initialising (the Table 7
-            # ablation) changes only where the centroids start, not what merging has done
-            k = self.num_clusters if self.centroids is None else self.centroids.shape[0]
-            best = None
-            for redo in range(self.nredo if self.reinit else 1):
-                init = self._random_init(feats, index, n_total, self.seed + 1000 * self.fits + redo, k)
-                out = self._lloyd(feats, init, self.init_iters, n_total)
-                if best is None or out[3] > best[3]:
-                    best = out
-            centroids, r, n, obj, it = best
-        else:
-            centroids, r, n, obj, it = self._lloyd(feats, self.centroids, self.iters, n_total)
-        self.fits += 1
-        keep = n > 0                                   # empty clusters have pi_k = 0: drop them
-        self.dropped = int((~keep).sum())              # logged: K also falls this way, not only by eq. 11
-        self.centroids, self.counts = centroids[keep].contiguous(), n[keep].long()
-        self.objective, self.n_iter = obj / n_total, it
-        self.kappa = self._kappa(feats, r[keep], n[keep], n_total)
-        return self
-
+    # ------------------------------------------------------------------ kappa (eq. 7, 16; sec. 4.4)
     def _kappa(self, feats, r, n, n_total):
         """Per-cluster concentration from the cluster sums r_k, n_k: eq. 16 ("pca"), eq. 7
         ("mle") or 1 ("const", Table 7's ablation). Guards: a singleton cluster (rbar = 1,
         kappa = inf) and any non-finite value take the median kappa of the other clusters,
-        and kappa is at most kappa_clip times the median."""
+        and no estimate exceeds kappa_clip times the median."""
         K = r.shape[0]
         if self.kappa_mode == "const":
             return torch.ones(K)
@@ -474,9 +348,10 @@ class VMFMixture:
         return kappa.float()
 
     def kappa_for_loss(self):
-        """kappa normalised to mean 1 over clusters, so the cluster loss has the
-        same scale whatever D and the data, clipped at kappa_clip times the mean so that a
-        few very tight clusters cannot dominate (PCL clips its concentration too)."""
+        """kappa normalised to mean 1 over clusters, so the cluster loss has the same scale
+        whatever D and the data, and at most kappa_clip (PCL clips its concentration too):
+        with the estimates capped at kappa_clip x their median (_kappa), no cluster weighs
+        more than kappa_clip times an average one in eq. 9 and 10."""
         k = self.kappa / self.kappa.mean()
         return k.clamp(max=self.kappa_clip)
 
@@ -486,7 +361,7 @@ class VMFMixture:
         """Each sample's s nearest centroids N_i (by cosine) and its weights (eq. 10; s = 1
         is the hard assignment of eq. 8). Returns nbr (n x s) int64 and w (n x s) float32."""
         s = min(s, self.centroids.shape[0])
-        _, ids = knn_search(feats.float().cpu().numpy(), self.centroids.numpy(), s, self.device)
+        _, ids = search.knn_search(feats.float().cpu().numpy(), self.centroids.numpy(), s, self.device)
         nbr = torch.from_numpy(ids).long()
         log_prior = torch.log(self.counts.float() / self.counts.sum()) if prior else None
         w = assignment_weights(feats.float().cpu(), self.centroids, self.kappa_for_loss(), nbr, tau, log_prior)
@@ -494,54 +369,31 @@ class VMFMixture:
 
     @torch.no_grad()
     def assignment_table(self, feats, index, n_total, s=1, tau=0.1, prior=False, device=None):
-        """The epoch's assignment of every sample, as two N x s tables indexed by dataset
-        index (nbr, w of assign()) on `device`, so that the training step looks its batch up
-        by index (PCL and ProPos do the same). Each rank assigns its own shard and an
-        all-reduce fills in the other ranks' rows (each row is owned by exactly one rank, so
-        the sum is a copy): any rank can look up any sample of its shuffled batch.
-        ImageNet: 1.28M x 3 int64 + float32, 46 MB per rank."""
+        """The epoch's Assignment of every sample on `device`: nbr, w of assign() as N x s
+        tables indexed by dataset index, so that the training step looks its batch up by
+        index (PCL and ProPos do the same). Each rank assigns its own shard and
+        utils.gather_rows fills in the other ranks' rows: any rank can look up any sample of
+        its shuffled batch. ImageNet: 1.28M x 3 int64 + float32, 46 MB per rank."""
         nbr, w = self.assign(feats, s, tau, prior)
-        return _share_rows(n_total, index, nbr, device), _share_rows(n_total, index, w, device)
+        return Assignment(self.centroids.to(device), self.kappa_for_loss().to(device),
+                          gather_rows(nbr, index, n_total).to(device), gather_rows(w, index, n_total).to(device))
 
-    # ------------------------------------------------------------------ merging (eq. 11, sec. 4.2)
-    def distance_moments(self):
-        """Mean and standard deviation of d_jk = 1 - mu_j.mu_k over all pairs j < k, exactly,
-        without the K x K matrix (10^10 entries at K = 100,000). With M the K x D matrix of
-        unit centroids:
-            sum_{j != k} mu_j.mu_k     = ||sum_j mu_j||^2 - K
-            sum_{j != k} (mu_j.mu_k)^2 = ||M^T M||_F^2 - K
-        and each unordered pair appears twice in the ordered sums."""
-        M = self.centroids
-        K = M.shape[0]
-        pairs = K * (K - 1)
-        # fp32 sum (cascaded, ~1e-7 relative) then double: a K x D float64 copy would cost
-        # more than the whole D x D product below at K = 100,000 (0.2 GB of fresh memory)
-        s1 = (M.sum(0).double().square().sum() - K) / pairs     # E[cos]
-        s2 = ((M.T @ M).double().square().sum() - K) / pairs    # E[cos^2] (D x D product in fp32)
-        mean_d = 1 - s1                                         # E[1 - cos]
-        var_d = (s2 - s1 ** 2).clamp(min=0)                     # Var[1 - cos] = Var[cos]
-        return mean_d.item(), var_d.sqrt().item()
-
+    # ------------------------------------------------------------------ merging (sec. 4.2)
     @torch.no_grad()
-    def merge(self, lam, neighbours=5, min_clusters=1):
-        """Eq. 11: merge clusters j and k if d_jk < E[d] - lam sigma[d], with d_jk = 1 - mu_j.mu_k
-        and E[d], sigma[d] over all pairs j < k (sec. 4.2).
-
-        Candidate pairs are each centroid's `neighbours` nearest centroids (close_pairs), so
-        only close pairs are ever looked at. Closest pairs first; each cluster takes part in at
-        most one merge per call, so K shrinks gradually; never below min_clusters. The merged
-        centroid is the count-weighted mean of the two, renormalised; counts add up; kappa
-        is the count-weighted mean until the next fit re-estimates it.
-        Returns (number of merges, threshold)."""
+    def merge(self, merge_rule="eq11", min_clusters=1, **flags):
+        """Merge the candidate pairs that MERGE_RULES[merge_rule] picks (eq. 11 by default;
+        flags: the rule's settings, e.g. merge_lambda; train.py passes all its flags). Closest pairs first; each cluster takes part
+        in at most one merge per call, so K shrinks gradually; never below min_clusters. The
+        merged centroid is the count-weighted mean of the two, renormalised; counts add up;
+        kappa is the count-weighted mean until the next fit re-estimates it.
+        Returns (number of merges, the rule's log entries)."""
         K = self.centroids.shape[0]
         if K < 3 or K <= min_clusters:
-            return 0, float("nan")
-        mean_d, std_d = self.distance_moments()
-        thresh = mean_d - lam * std_d
-        rows, cols, d = close_pairs(self.centroids.numpy(), thresh, neighbours, seed=self.seed, device=self.device)
-        a, b = greedy_matching(rows, cols, d, K, max_pairs=K - min_clusters)
+            return 0, {}
+        rows, cols, order, info = MERGE_RULES[merge_rule](self, **flags)
+        a, b = greedy_matching(rows, cols, order, K, max_pairs=K - min_clusters)
         if len(a) == 0:
-            return 0, thresh
+            return 0, info
         a, b = torch.from_numpy(a), torch.from_numpy(b)
         na, nb = self.counts[a].float(), self.counts[b].float()
         mu = self.centroids
@@ -559,7 +411,7 @@ class VMFMixture:
         at = keep.cumsum(0)[a] - 1                              # where row a lands after the drop
         self.centroids, self.counts, self.kappa = self.centroids[keep], self.counts[keep], self.kappa[keep]
         self.centroids[at], self.counts[at], self.kappa[at] = merged, n_ab, kap
-        return len(a), thresh
+        return len(a), info
 
     # ------------------------------------------------------------------ state
     def summary(self):
@@ -577,18 +429,8 @@ class VMFMixture:
                 "dim": self.dim}
 
     def load_state_dict(self, sd):
-        if sd.get("dim", self.dim) != self.dim:
+        if sd["dim"] != self.dim:
             raise ValueError(f"saved cluster state has D = {sd['dim']}, this model has D = {self.dim}: "
                              "resume with the same --dim")
         self.centroids, self.counts, self.kappa = sd["centroids"], sd["counts"], sd["kappa"]
         self.objective, self.k_history, self.fits = sd["objective"], list(sd["k_history"]), sd["fits"]
-
-
-def _share_rows(n_total, index, values, device=None):
-    """An n_total-row table whose rows `index` are this rank's `values`, with the rows of
-    every other rank filled in by a sum all-reduce (each row has exactly one owner)."""
-    table = torch.zeros((n_total,) + tuple(values.shape[1:]), dtype=values.dtype)
-    table[index.cpu()] = values.cpu()
-    if _dist():
-        table = _all_reduce(table.to(_reduce_device()))
-    return table.to(device or "cpu")

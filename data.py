@@ -292,7 +292,7 @@ def feature_loader(ds, batch_size, args):
     each holding its own copy of the file list (ImageNet: 1.28M paths)."""
     batches = feature_batches(len(ds), batch_size, args.rank, args.world_size, args.seed)
     return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=args.workers,
-                                       pin_memory=args.dev.type == "cuda", generator=torch.Generator())
+                                       pin_memory=args.device.type == "cuda", generator=torch.Generator())
 
 
 def subset(ds, n, seed=0):

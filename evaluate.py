@@ -53,8 +53,9 @@ from tqdm import tqdm
 import data
 import report
 import utils
-from cluster import VMFMixture, nearest_centroid, torch_search
-import model as model_lib
+from cluster import VMFMixture, nearest_centroid
+from model import ModelConfig, build_backbone
+from search import knn_votes, torch_search
 from utils import UserError, autocast
 
 # ----------------------------------------------------------------------------- config
@@ -146,22 +147,23 @@ def raw_side(args):
 
 
 @torch.no_grad()
-def extract(ds, backbone, embed, args, desc="features"):
+def extract(ds, backbone, embed, args, desc="features", dims=None):
     """Decode every image once (eval view) and keep what each measurement needs (Split):
     backbone(x), the pooled ResNet features of kNN and the probe; embed(x), the momentum
     embedding the mixture was fit on (SiamMM.embed, None for an exported backbone); the raw
     pixels, the same view resized to raw_side() (no second decode). Modules are in eval
     mode: nothing is updated (embed may normalise with batch statistics, as training did).
     Under torchrun each rank embeds its share and rank 0 receives the whole split (the
-    other ranks get None)."""
+    other ranks get None); dims: the feature and embedding widths, so that a rank with no
+    batch (more ranks than batches) still sends rows of the right shape."""
     backbone.eval()
     loader = data.feature_loader(ds, args.batch_size, args)
     side = None if args.no_raw else raw_side(args)
     rows = {"feats": [], "emb": [], "raw": [], "labels": [], "index": []}
     for x, y, idx in tqdm(loader, desc=desc, leave=False, disable=not args.master):
-        x = x.to(args.dev, non_blocking=True)
-        xin = data.to_input(x, args.data, args.dev)
-        with autocast(args.dev):
+        x = x.to(args.device, non_blocking=True)
+        xin = data.to_input(x, args.data, args.device)
+        with autocast(args.device):
             rows["feats"].append(backbone(xin).float().clamp(-65504, 65504).half().cpu())   # fp16's range
             if embed is not None:
                 rows["emb"].append(embed(xin).half().cpu())
@@ -172,13 +174,17 @@ def extract(ds, backbone, embed, args, desc="features"):
         rows["labels"].append(torch.as_tensor(y).long())
         rows["index"].append(idx)
     index = torch.cat(rows["index"]) if rows["index"] else torch.zeros(0, dtype=torch.long)
+    feat_dim, emb_dim = dims or (0, 0)
+    empty = {"feats": torch.zeros(0, feat_dim, dtype=torch.half), "emb": torch.zeros(0, emb_dim, dtype=torch.half),
+             "raw": torch.zeros(0, data.SPECS[args.data].channels * (side or 0) ** 2, dtype=torch.uint8),
+             "labels": torch.zeros(0, dtype=torch.long)}
     out = {}
     for key in ("feats", "emb", "raw", "labels"):
-        if key in ("emb", "raw") and ((key == "emb" and embed is None) or (key == "raw" and side is None)):
+        if (key == "emb" and embed is None) or (key == "raw" and side is None):
             out[key] = None
             continue
-        local = torch.cat(rows[key]) if rows[key] else None
-        out[key] = utils.gather_rows(local, index, len(ds), args)
+        local = torch.cat(rows[key]) if rows[key] else empty[key]
+        out[key] = utils.gather_rows(local, index, len(ds), dst=0)
     return Split(**out) if args.master else None
 
 
@@ -196,22 +202,22 @@ def plan(n_train, n_test, feat_dim, emb_dim, num_classes, args, has_mixture=None
     n_metrics = n_train if args.metrics_split == "train" else n_test
     kmeans = 2 * 50 * args.kmeans_redo * num_classes   # FLOP per image and dimension: 50 Lloyd iterations a restart
     utils.check_cost(f"kNN of {n_test:,} images among {n_train:,}", 2 * n_test * n_train * feat_dim,
-                     "use --train-subset or --test-subset", args.dev)
+                     "use --train-subset or --test-subset", args.device)
     if args.mislabel_votes == "knn":
         utils.check_cost(f"the kNN mislabel vote over {n_report:,} {args.report_split} images",
                          2 * n_report * n_report * feat_dim, "use --mislabel-votes cluster or --report-split test",
-                         args.dev)
+                         args.device)
     utils.check_cost(f"k-means (K = {num_classes}) on {n_metrics:,} features", kmeans * n_metrics * feat_dim,
-                     "lower --kmeans-redo, or use --test-subset", args.dev)
+                     "lower --kmeans-redo, or use --test-subset", args.device)
     has_mixture = emb_dim > 0 if has_mixture is None else has_mixture
     if not has_mixture and args.report_split != args.metrics_split:   # the same split: clusters() did it
         utils.check_cost(f"k-means (K = {num_classes}) on the {n_report:,} {args.report_split} images of the report",
-                         kmeans * n_report * feat_dim, "use --report-split test, or lower --kmeans-redo", args.dev)
+                         kmeans * n_report * feat_dim, "use --report-split test, or lower --kmeans-redo", args.device)
     if not args.no_raw:
         utils.check_cost(f"raw-pixel kNN of {n_test:,} images among {n_train:,}", 2 * n_test * n_train * raw_dim,
-                         "add --no-raw, or lower --raw-size", args.dev)
+                         "add --no-raw, or lower --raw-size", args.device)
         utils.check_cost(f"raw-pixel k-means (K = {num_classes}) on {n_metrics:,} images",
-                         kmeans * n_metrics * raw_dim, "add --no-raw", args.dev)
+                         kmeans * n_metrics * raw_dim, "add --no-raw", args.device)
 
 
 # ----------------------------------------------------------------------------- kNN
@@ -224,8 +230,9 @@ def knn_classify(train_feats, train_labels, test_feats, ks=(20,), T=0.07, num_cl
     class; the class with the most votes wins.
 
     Several k at once: the max(ks) nearest neighbours are found once (an exact search that
-    takes the training features a block at a time, cluster.torch_search) and every smaller
-    k uses a prefix of them. Returns {k: (N_test x min(topn, C)) class predictions, best first}."""
+    takes the training features a block at a time, search.torch_search) and every smaller
+    k uses a prefix of them; search.knn_votes counts the votes. Returns {k: (N_test x
+    min(topn, C)) class predictions, best first}."""
     labels = torch.as_tensor(train_labels).long()
     C = num_classes or int(labels.max()) + 1
     kmax = min(max(ks), len(labels))
@@ -234,8 +241,7 @@ def knn_classify(train_feats, train_labels, test_feats, ks=(20,), T=0.07, num_cl
     out = {}
     for k in ks:
         kk = min(k, kmax)
-        votes = torch.zeros(len(sims), C).scatter_add_(1, labels[idx[:, :kk]], (sims[:, :kk] / T).exp())
-        out[k] = votes.topk(min(topn, C), dim=1).indices
+        out[k] = knn_votes(sims[:, :kk], labels[idx[:, :kk]], T, C).topk(min(topn, C), dim=1).indices
     return out
 
 
@@ -284,7 +290,7 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=100, lr=0
         perm = torch.randperm(n, generator=g)
         for s in range(0, n, batch_size):
             for group in opt.param_groups:
-                group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                group["lr"] = utils.cosine_schedule(step, total, base_lr)
             b = perm[s:s + batch_size]
             loss = F.cross_entropy(fc(standardised(train_x, b)), ytr[b.to(device)])
             opt.zero_grad(set_to_none=True)
@@ -331,18 +337,15 @@ def cluster_metrics(labels, clusters):
 def spherical_kmeans(feats, k, seed=0, niter=50, nredo=5, device=None):
     """k-means on the unit sphere (cosine, the geometry the model is trained in; Euclidean
     k-means on unnormalised features would weigh each image by its norm): the training's own
-    Lloyd iterations (cluster.VMFMixture, whose searches run on this process's GPU with or
-    without faiss-gpu), on all points, from a random init, best objective of nredo seeded
-    restarts (one bar step each). Returns (assignments, K x D centroids)."""
+    k-means (cluster.VMFMixture, whose searches run on this process's GPU with or without
+    faiss-gpu) on all points, from a random init, the best objective of nredo seeded
+    restarts (its re-initialising mode, PCL's). Returns (assignments, K x D centroids)."""
     x = torch.nn.functional.normalize(torch.as_tensor(feats).float(), dim=1)
-    n, best = len(x), None
-    for r in tqdm(range(nredo), desc=f"k-means K={k}", leave=False):
-        km = VMFMixture(x.shape[1], k, kappa_mode="const", init_iters=niter, seed=seed + r, device=device)
-        km.fit(x, torch.arange(n), n)
-        if best is None or km.objective > best.objective:   # the mean cosine to the centroids
-            best = km
-    _, ids = nearest_centroid(x.numpy(), best.centroids.numpy(), device)
-    return ids.astype(np.int64), best.centroids
+    n = len(x)
+    km = VMFMixture(x.shape[1], k, kappa="const", init_iters=niter, reinit_centroids=True, nredo=nredo, seed=seed,
+                    device=device).fit(x, torch.arange(n), n)
+    _, ids = nearest_centroid(x.numpy(), km.centroids.numpy(), device)
+    return ids.astype(np.int64), km.centroids
 
 
 def pixel_kmeans(pixels, k, seed=0, n_init=10):
@@ -362,11 +365,112 @@ def assign_clusters(z, centroids, device=None):
     return ids[:, 0].astype(np.int64), sims[:, 0].astype(np.float32), margin.astype(np.float32)
 
 
+# ----------------------------------------------------------------------------- the model to measure
+def load_pretrained(args, device):
+    """The backbone to measure, its feature dimension, the embedding the mixture was fit on
+    (or None), the mixture (or None) and the training flags, from --checkpoint or --backbone.
+    Sets args.data, data_dir, img_size, arch from the checkpoint where no flag gave them."""
+    if args.checkpoint:
+        model, mixture, train_args = load_checkpoint(args)
+        model = model.to(device)
+        backbone = model.backbone if args.encoder == "online" else model.momentum_backbone
+        # the embedding as train.py's feature pass makes it: the same BN mode, and batches cut
+        # from a seeded permutation (evaluate.py's own --batch-size and --seed)
+        return backbone, model.feat_dim, (lambda x: model.embed(x, train_args["feature_bn"])), mixture, train_args
+    if args.encoder != "online":
+        raise UserError("--encoder momentum needs a --checkpoint (an exported backbone is the online one)")
+    backbone, feat_dim = load_backbone(args)
+    return backbone.to(device), feat_dim, None, None, {}
+
+
+def load_checkpoint(args):
+    """A train.py checkpoint -> (SiamMM in eval mode, VMFMixture or None, training flags).
+
+    The model settings (arch, stem, head widths, D) always come from the checkpoint; the
+    data settings come from it unless a flag overrides them (the data may have moved)."""
+    path = args.checkpoint
+    if not os.path.isfile(path):
+        raise UserError(f"--checkpoint {path}: no such file (train.py writes OUT_DIR/checkpoint.pth)")
+    ckpt = utils.load_checkpoint_file(path)
+    if not isinstance(ckpt, dict) or not {"model", "model_config", "args"} <= set(ckpt):
+        raise UserError(f"{path} is not a train.py checkpoint (no 'model', 'model_config' and 'args'); "
+                        "for an exported backbone use --backbone")
+    targs, cfg = ckpt["args"], ModelConfig(**ckpt["model_config"])
+    args.data = args.data or targs["data"]
+    args.data_dir = targs.get("data_dir", "") if args.data_dir is None else args.data_dir
+    args.img_size = args.img_size or targs["img_size"]
+    if args.arch and args.arch != cfg.arch:
+        raise UserError(f"--arch {args.arch} differs from the checkpoint's {cfg.arch}: drop --arch")
+    args.arch, args.small_stem, args.width = cfg.arch, cfg.small_stem, cfg.width
+    if data.SPECS[args.data].channels != cfg.in_chans:
+        raise UserError(f"the checkpoint was trained on {targs['data']} ({cfg.in_chans} channels); "
+                        f"--data {args.data} has {data.SPECS[args.data].channels}")
+    model = cfg.build()
+    # Evaluation uses f, f_m and g_m only (the predictor h serves training alone), so only
+    # their tensors must match: a change to the predictor does not lock old checkpoints out.
+    used = ("backbone.", "momentum_backbone.", "momentum_projector.")
+    sd = {k: v for k, v in ckpt["model"].items() if k.startswith(used)}
+    try:
+        missing, _ = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:   # shapes differ
+        raise UserError(f"{path} does not fit the model its flags describe: "
+                        + next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])) from None
+    missing = [k for k in missing if k.startswith(used)]
+    if missing:
+        raise UserError(f"{path} lacks {len(missing)} tensors of the backbone / momentum encoder (e.g. {missing[0]})")
+    mixture = None
+    if ckpt.get("mixture") is not None:
+        mixture = VMFMixture(cfg.dim, ckpt["mixture"]["centroids"].shape[0])
+        mixture.load_state_dict(ckpt["mixture"])
+    return model.eval(), mixture, targs | {"epoch": ckpt.get("epoch")}
+
+
+def load_backbone(args):
+    """An exported backbone state_dict -> (network without classifier, in eval mode, feature dim).
+
+    A ResNet's stem, width and input channels are read off conv1's weight (3 x 3 = small
+    stem; its first dimension = width, its second = channels), so only --arch must be right;
+    a wrong one fails to load."""
+    path = args.backbone
+    if not os.path.isfile(path):
+        raise UserError(f"--backbone {path}: no such file")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # a train.py checkpoint holds more than tensors (flags, RNG states)
+        hint = "; a train.py checkpoint? use --checkpoint" if "weights_only" in str(e) else ""
+        raise UserError(f"cannot read backbone {path}: {str(e).strip().splitlines()[0]}{hint}") from None
+    if not isinstance(sd, dict) or "model" in sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        hint = " (a train.py checkpoint: use --checkpoint)" if isinstance(sd, dict) and "model" in sd else ""
+        raise UserError(f"{path} is not a backbone state_dict (tensors by name){hint}")
+    args.data = args.data or "fashion-mnist"
+    args.data_dir = args.data_dir or ""
+    args.img_size = args.img_size or data.SPECS[args.data].img_size
+    args.arch = args.arch or "resnet18"
+    resnet = "conv1.weight" in sd      # the ResNet options, read off the stem; other networks have none
+    args.small_stem = resnet and sd["conv1.weight"].shape[-1] == 3
+    args.width, in_chans = sd["conv1.weight"].shape[:2] if resnet else (64, 3)
+    if in_chans != data.SPECS[args.data].channels:
+        raise UserError(f"the backbone takes {in_chans}-channel images; --data {args.data} has {data.SPECS[args.data].channels}")
+    try:
+        net, dim = build_backbone(args.arch, args.small_stem, in_chans, args.width)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    try:   # every key must match (fc is an Identity, so the exported backbone has no fc.*)
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+        problem = (f"{len(missing)} missing tensors (e.g. {missing[0]})" if missing else
+                   f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})" if unexpected else None)
+    except RuntimeError as e:   # shapes differ
+        problem = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+    if problem:
+        raise UserError(f"the weights in {path} do not fit --arch {args.arch}: {problem}")
+    return net.eval(), dim
+
+
 # ----------------------------------------------------------------------------- main
 def representation(train, test, num_classes, args, times):
     """Weighted kNN (DINO) and the quick linear probe on cached features, train -> test."""
     t0 = time.time()
-    preds = knn_classify(train.feats, train.labels, test.feats, args.knn_k, args.knn_t, num_classes, device=args.dev)
+    preds = knn_classify(train.feats, train.labels, test.feats, args.knn_k, args.knn_t, num_classes, device=args.device)
     knn = {"T": args.knn_t, "top1": {str(k): topk_accuracy(p, test.labels, 1) for k, p in preds.items()},
            "top5": {str(k): topk_accuracy(p, test.labels, 5) for k, p in preds.items()}}
     times["knn"] = time.time() - t0
@@ -374,25 +478,25 @@ def representation(train, test, num_classes, args, times):
     if args.probe_epochs:
         t0 = time.time()
         probe, _ = linear_probe(train.feats, train.labels, test.feats, test.labels, num_classes, args.probe_epochs,
-                                args.probe_lr, args.probe_batch_size, args.seed, args.dev)
+                                args.probe_lr, args.probe_batch_size, args.seed, args.device)
         probe |= {"epochs": args.probe_epochs, "lr": args.probe_lr, "batch_size": args.probe_batch_size,
                   "protocol": "quick check: cached centre-view features, standardised (Table 1: lincls.py)"}
         times["linear_probe"] = time.time() - t0
     return knn, probe
 
 
-def clusters(split, mixture, num_classes, args):
+def clustering(split, mixture, num_classes, args):
     """Table 3 on --metrics-split: spherical k-means with K = number of classes on the
     backbone features (Hungarian accuracy), and the learned clusters: each image's momentum
     embedding to its nearest centroid of the checkpoint's mixture. Also returns what the
     cluster report reuses when it looks at the same split: the learned assignment (ids,
     cosine, margin; None without a mixture) and the k-means centroids."""
-    km_ids, km_cents = spherical_kmeans(split.feats, num_classes, args.seed, nredo=args.kmeans_redo, device=args.dev)
+    km_ids, km_cents = spherical_kmeans(split.feats, num_classes, args.seed, nredo=args.kmeans_redo, device=args.device)
     kmeans = {"split": args.metrics_split, "method": "spherical k-means on L2-normalised backbone features",
               "redo": args.kmeans_redo} | cluster_metrics(split.labels.numpy(), km_ids)
     learned = assignment = None
     if mixture is not None:
-        assignment = assign_clusters(split.emb, mixture.centroids, args.dev)
+        assignment = assign_clusters(split.emb, mixture.centroids, args.device)
         learned = {"split": args.metrics_split, "K_mixture": int(mixture.centroids.shape[0])} \
             | cluster_metrics(split.labels.numpy(), assignment[0])
         if learned["K_mixture"] != num_classes:   # Hungarian accuracy only when K = number of classes
@@ -404,8 +508,8 @@ def raw_baselines(train, test, metric, num_classes, args):
     """The floor, measured like the features: kNN and spherical k-means on the raw pixels
     of the same views (at the features' resolution); and scikit-learn's Euclidean k-means on
     pixels in [0, 1], the clustering literature's floor, where it takes under 10 minutes."""
-    preds = knn_classify(train.raw, train.labels, test.raw, args.knn_k, args.knn_t, num_classes, device=args.dev)
-    ids, _ = spherical_kmeans(metric.raw, num_classes, args.seed, nredo=args.kmeans_redo, device=args.dev)
+    preds = knn_classify(train.raw, train.labels, test.raw, args.knn_k, args.knn_t, num_classes, device=args.device)
+    ids, _ = spherical_kmeans(metric.raw, num_classes, args.seed, nredo=args.kmeans_redo, device=args.device)
     out = {"side": raw_side(args), "knn_top1": {str(k): topk_accuracy(p, test.labels, 1) for k, p in preds.items()},
            "kmeans": {"split": args.metrics_split, "method": "spherical k-means on L2-normalised pixels"}
            | cluster_metrics(metric.labels.numpy(), ids)}
@@ -420,8 +524,8 @@ def raw_baselines(train, test, metric, num_classes, args):
 def evaluate(args):
     t_start, times = time.time(), {}
     utils.setup_distributed(args, args.dist_timeout)
-    backbone, feat_dim, embed, mixture, train_args = model_lib.load_pretrained(args, args.dev)
-    if args.dev.type == "cuda":
+    backbone, feat_dim, embed, mixture, train_args = load_pretrained(args, args.device)
+    if args.device.type == "cuda":
         backbone = backbone.to(memory_format=torch.channels_last)
     source_path = args.checkpoint or args.backbone
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(source_path)), "eval")
@@ -445,12 +549,12 @@ def evaluate(args):
     if args.master:
         os.makedirs(os.path.join(out_dir, "clusters"), exist_ok=True)   # only once the data loads
         print(f"evaluating {source_path} | {args.arch} on {args.data} | train {len(train_set)} -> test "
-              f"{len(test_set)} | {args.world_size} x {args.dev}")
+              f"{len(test_set)} | {args.world_size} x {args.device}")
 
     # ---- decode every image once: features, momentum embeddings, raw pixels (sharded under torchrun)
     t0 = time.time()
-    train = extract(train_set, backbone, embed, args, "features train")
-    test = extract(test_set, backbone, embed, args, "features test")
+    train = extract(train_set, backbone, embed, args, "features train", (feat_dim, emb_dim))
+    test = extract(test_set, backbone, embed, args, "features test", (feat_dim, emb_dim))
     times["features"] = time.time() - t0
     if args.distributed:   # the other ranks' part ends with the features; rank 0 goes on alone
         dist.destroy_process_group()
@@ -460,7 +564,7 @@ def evaluate(args):
     knn, probe = representation(train, test, num_classes, args, times)
     metric = train if args.metrics_split == "train" else test
     t0 = time.time()
-    kmeans, learned, metric_assignment, metric_cents = clusters(metric, mixture, num_classes, args)
+    kmeans, learned, metric_assignment, metric_cents = clustering(metric, mixture, num_classes, args)
     times["clusters"] = time.time() - t0
     raw = None
     if not args.no_raw:
@@ -471,18 +575,18 @@ def evaluate(args):
     # ---- the cluster report (Fig. 2, Fig. 3, sec. 6.8): the checkpoint's mixture, else k-means
     t0 = time.time()
     rep_split, rds = (train, train_set) if args.report_split == "train" else (test, test_set)
-    same = rep_split is metric   # then clusters() has assigned (or k-means-clustered) this split already
+    same = rep_split is metric   # then clustering() has assigned (or k-means-clustered) this split already
     if mixture is not None:
-        assignment = metric_assignment if same else assign_clusters(rep_split.emb, mixture.centroids, args.dev)
+        assignment = metric_assignment if same else assign_clusters(rep_split.emb, mixture.centroids, args.device)
         source = "the checkpoint's mixture (momentum embeddings -> nearest centroid)"
     else:   # an exported backbone has no mixture: spherical k-means, K = classes, on its features
         cents = metric_cents if same else spherical_kmeans(rep_split.feats, num_classes, args.seed,
-                                                           nredo=args.kmeans_redo, device=args.dev)[1]
-        assignment = assign_clusters(rep_split.feats, cents, args.dev)
+                                                           nredo=args.kmeans_redo, device=args.device)[1]
+        assignment = assign_clusters(rep_split.feats, cents, args.device)
         source = f"spherical k-means (K = {num_classes}) on backbone features"
     run_dir = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else None
     rep = report.cluster_report(out_dir, rds, rep_split.feats, rep_split.labels.numpy(), classes, assignment, args,
-                                args.dev, report.read_k_history(run_dir, mixture), train_args.get("num_clusters"))
+                                args.device, report.read_k_history(run_dir, mixture), train_args.get("num_clusters"))
     rep["cluster_source"] = source
     times["report"] = time.time() - t0
 
@@ -500,7 +604,7 @@ def evaluate(args):
                      "test_subset": args.test_subset, "seed": args.seed, "num_classes": num_classes,
                      "note": f"kNN / probe: train -> test; cluster metrics on {args.metrics_split}; "
                              f"report on {args.report_split}"},
-           "device": f"{args.world_size} x {args.dev}", "feature_store": {"dtype": "float16",
+           "device": f"{args.world_size} x {args.device}", "feature_store": {"dtype": "float16",
                                                                       "bytes": train.nbytes() + test.nbytes()},
            "knn": knn, "linear_probe": probe, "learned_clusters": learned, "kmeans": kmeans, "raw_pixels": raw,
            "report": rep, "backbone_unchanged": not changed, "time_s": {k: round(v, 2) for k, v in times.items()},

@@ -44,9 +44,9 @@ import torchvision.transforms as T
 from tqdm import tqdm
 
 import data
-import model as model_lib
 import report
 import utils
+from evaluate import load_pretrained
 from utils import UserError, autocast
 
 
@@ -185,26 +185,29 @@ def loaders(args):
     per_rank = args.batch_size // args.world_size
     sampler = torch.utils.data.DistributedSampler(views, args.world_size, args.rank, shuffle=True, seed=args.seed)
     train_loader = torch.utils.data.DataLoader(views, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
-                                               pin_memory=args.dev.type == "cuda")
+                                               pin_memory=args.device.type == "cuda")
     val_loader = data.feature_loader(val_set, 256, args)
     return train_loader, val_loader
 
 
 # ----------------------------------------------------------------------------- model
 def build_model(backbone, feat_dim, args):
-    """The pre-trained backbone with a new fc (torchvision's layout, so the result loads into
-    torchvision.models.<arch>()). linear: every backbone parameter frozen, fc initialised
-    N(0, 0.01) with zero bias (main_lincls). Returns the model and the digest of the
-    frozen backbone for MoCo v3's sanity check."""
+    """The pre-trained backbone with a new linear classifier where its own was (a ResNet's
+    fc: torchvision's layout, so the result loads into torchvision.models.<arch>()).
+    linear: every backbone parameter frozen, the classifier initialised N(0, 0.01) with zero
+    bias (main_lincls). Returns the model and the digest of the frozen backbone for MoCo
+    v3's sanity check."""
     torch.manual_seed(args.seed)
-    backbone.fc = nn.Linear(feat_dim, args.num_classes)
-    backbone.fc.weight.data.normal_(mean=0.0, std=0.01)
-    backbone.fc.bias.data.zero_()
+    head = nn.Linear(feat_dim, args.num_classes)
+    head.weight.data.normal_(mean=0.0, std=0.01)
+    head.bias.data.zero_()
+    backbone.set_submodule(backbone.classifier_path, head)
+    mine = {backbone.classifier_path + ".weight", backbone.classifier_path + ".bias"}
     for name, p in backbone.named_parameters():   # finetune: every weight (a momentum backbone came frozen)
-        p.requires_grad = args.mode == "finetune" or name in ("fc.weight", "fc.bias")
+        p.requires_grad = args.mode == "finetune" or name in mine
     digest = None   # finetune trains every weight: nothing to check
     if args.mode == "linear":
-        digest = {k: v for k, v in utils.state_digest(backbone).items() if not k.startswith("fc.")}
+        digest = {k: v for k, v in utils.state_digest(backbone).items() if k not in mine}
     return backbone, digest
 
 
@@ -214,14 +217,14 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args):
     mode would revise the frozen backbone's running statistics. finetune: train mode, lr
     cosine per step (SimCLR). Returns the mean loss and the training top-1."""
     model.eval() if args.mode == "linear" else model.train()
-    sums = torch.zeros(3, device=args.dev)   # loss x n, correct, n
+    sums = torch.zeros(3, device=args.device)   # loss x n, correct, n
     steps = len(loader)
     for i, (x, y, _) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not args.master,
                                        leave=False)):
         if args.mode == "finetune":
             set_lr(optimizer, args, (epoch + i / steps) / args.epochs)
-        x, y = data.to_input(x, args.data, args.dev), y.to(args.dev, non_blocking=True)
-        with autocast(args.dev, args.amp):
+        x, y = data.to_input(x, args.data, args.device), y.to(args.device, non_blocking=True)
+        with autocast(args.device, args.amp):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -229,7 +232,7 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args):
         scaler.step(optimizer)
         scaler.update()
         sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
-                             torch.full((), float(len(y)), device=args.dev)])   # no host-to-GPU copy: no sync
+                             torch.full((), float(len(y)), device=args.device)])   # no host-to-GPU copy: no sync
     if args.distributed:
         dist.all_reduce(sums)
     loss, correct, n = sums.tolist()
@@ -243,13 +246,13 @@ def validate(model, loader, args):
     """Top-1 and top-5 on the validation split, each image counted once over all ranks
     (the counts are all-reduced, so the result is exact on any number of processes)."""
     model.eval()
-    sums = torch.zeros(3, device=args.dev)   # top-1 correct, top-5 correct, n
+    sums = torch.zeros(3, device=args.device)   # top-1 correct, top-5 correct, n
     for x, y, _ in tqdm(loader, desc="  validate", disable=not args.master, leave=False):
-        x, y = data.to_input(x, args.data, args.dev), y.to(args.dev, non_blocking=True)
-        with autocast(args.dev, args.amp):
+        x, y = data.to_input(x, args.data, args.device), y.to(args.device, non_blocking=True)
+        with autocast(args.device, args.amp):
             top = model(x).float().topk(min(5, args.num_classes), dim=1).indices
         hit = top == y[:, None]
-        sums += torch.stack([hit[:, 0].sum().float(), hit.any(1).sum().float(), torch.full((), float(len(y)), device=args.dev)])
+        sums += torch.stack([hit[:, 0].sum().float(), hit.any(1).sum().float(), torch.full((), float(len(y)), device=args.device)])
     if args.distributed:
         dist.all_reduce(sums)
     c1, c5, n = sums.tolist()
@@ -260,13 +263,13 @@ def set_lr(optimizer, args, progress):
     """Half-cosine from lr x batch / 256 to 0; progress in [0, 1): per epoch for linear
     (main_lincls's adjust_learning_rate), per step for finetune."""
     for g in optimizer.param_groups:
-        g["lr"] = args.lr * args.batch_size / 256 * 0.5 * (1.0 + math.cos(math.pi * progress))
+        g["lr"] = utils.cosine_schedule(progress, 1, args.lr * args.batch_size / 256)
 
 
 # ----------------------------------------------------------------------------- main
 def run(args):
     utils.setup_distributed(args, args.dist_timeout)
-    backbone, feat_dim, _, _, _ = model_lib.load_pretrained(args, torch.device("cpu"))   # sets --data, --img-size, --arch
+    backbone, feat_dim, _, _, _ = load_pretrained(args, torch.device("cpu"))   # sets --data, --img-size, --arch
     name = "lincls" if args.mode == "linear" else f"finetune{args.labels:g}"
     src = args.checkpoint or args.backbone
     args.out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(src)), name)
@@ -276,13 +279,13 @@ def run(args):
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr * args.batch_size / 256, momentum=args.momentum,
                                 nesterov=args.mode == "finetune", weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.dev.type == "cuda" and args.amp == "fp16")
+    scaler = torch.amp.GradScaler("cuda", enabled=args.device.type == "cuda" and args.amp == "fp16")
 
     start, best = resume(*utils.open_run(args, "lincls.py", {"model", "optimizer", "epoch", "best_top1"}), raw,
                          optimizer, scaler, args)
     if args.master:
         print(f"{args.mode} | {args.arch} on {args.data} | {len(train_loader.dataset)} train images -> "
-              f"{len(val_loader.dataset)} val | {args.world_size} x {args.dev.type} | batch {args.batch_size} | "
+              f"{len(val_loader.dataset)} val | {args.world_size} x {args.device.type} | batch {args.batch_size} | "
               f"{args.epochs} epochs")
 
     top1 = top5 = None

@@ -1,36 +1,37 @@
 """
 The Siamese networks of SiamMM (sec. 3.1 and 5.1 of the paper; the MoCo v3 recipe).
 
-    online branch    x -> f (ResNet) -> g (3-layer projector) -> h (2-layer predictor) -> q
-    momentum branch  x -> f_m        -> g_m                                         -> k
+    online branch    x -> f (backbone) -> g (3-layer projector) -> h (2-layer predictor) -> q
+    momentum branch  x -> f_m          -> g_m                                          -> k
 
 q and k are L2-normalised 256-d vectors on the unit sphere: the space in which cluster.py
 fits its von Mises-Fisher mixture. f_m, g_m are an exponential moving average (EMA) of f, g
 and never receive a gradient (the stop-gradient sg(.) of eq. 1 / 12).
 
-Everything here is plain torch.nn on top of torchvision's ResNets, so that the exported
-backbone (export_backbone) loads into torchvision.models.resnet50() unchanged (at the default
-width 64, with the ImageNet stem).
+The backbone f is any torchvision classification network without its classifier, passed to
+SiamMM as a constructor (MoCo v3 passes its base encoder the same way); ModelConfig holds
+the shape. Everything is plain torch.nn, so that the exported backbone (export_backbone)
+loads into torchvision.models.<arch>() unchanged (at the default width 64, ImageNet stem).
 """
 
 import contextlib
 import copy
-import math
-import os
+import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-import data
-from cluster import VMFMixture
-from utils import UserError, load_checkpoint_file
-
 
 def build_backbone(arch="resnet50", small_stem=False, in_chans=3, width=64):
-    """torchvision ResNet without its classifier; returns (module, feature dimension).
+    """A torchvision classification network (--arch: resnet50, resnet18, convnext_tiny,
+    vit_b_16, ...) without its classifier; returns (module, feature dimension). The
+    classifier, the network's last nn.Linear, becomes an Identity; its place is kept in
+    module.classifier_path, where lincls.py puts its own.
 
+    Three options for ResNets (the networks of the paper and the CPU default):
     small_stem: for 28-64 px images (Fashion-MNIST, CIFAR) the ImageNet stem (7x7 conv
     stride 2 + max-pool) throws away 3/4 of a 32 px image before the first block; the usual
     fix (SimCLR's CIFAR recipe, solo-learn) is a 3x3 stride-1 conv and no max-pool.
@@ -40,17 +41,26 @@ def build_backbone(arch="resnet50", small_stem=False, in_chans=3, width=64):
     its "2x"). torchvision builds only 64, so for another width the stem and stages are
     rebuilt from torchvision's own blocks (ResNet._make_layer): the module names, forward
     and state_dict keys stay torchvision's. The CPU default uses 16: at a budget of
-    minutes, images per second matter more than capacity (bench/RESULTS.md, "A narrower
-    ResNet").
-    Every conv and BN then gets torchvision's initialisation, zero_init_residual included:
-    the last BN of every residual block starts at zero, so each block starts as the
-    identity (Goyal et al.; used by MoCo v3 and SimSiam).
+    minutes, images per second matter more than capacity.
+    Every conv and BN of a ResNet then gets torchvision's initialisation, zero_init_residual
+    included: the last BN of every residual block starts at zero, so each block starts as
+    the identity (Goyal et al.; used by MoCo v3 and SimSiam).
     """
-    if not hasattr(torchvision.models, arch) or not arch.startswith("resnet"):
-        raise ValueError(f"unknown --arch {arch!r}: use a torchvision ResNet such as resnet18 or resnet50")
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown --arch {arch!r}: a torchvision classification model, e.g. resnet18, resnet50, "
+                         "convnext_tiny, vit_b_16")
     if width < 1:
         raise ValueError(f"--width {width}: the first stage needs at least 1 channel (torchvision: 64)")
-    net = getattr(torchvision.models, arch)(weights=None)
+    net = torchvision.models.get_model(arch, weights=None)
+    if not isinstance(net, torchvision.models.ResNet):
+        if small_stem or in_chans != 3 or width != 64:
+            raise ValueError(f"--arch {arch}: --small-stem, --width and 1-channel (grayscale) data are options of "
+                             "the ResNets; use --arch resnet18 or resnet50, or 3-channel images (--data folder)")
+        head = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
+        dim = net.get_submodule(head).in_features
+        net.set_submodule(head, nn.Identity())
+        net.classifier_path = head
+        return net, dim
     block = type(net.layer1[0])   # BasicBlock (resnet18/34) or Bottleneck (resnet50/101/152)
     if width != 64:
         depth = [len(net.layer1), len(net.layer2), len(net.layer3), len(net.layer4)]
@@ -75,6 +85,7 @@ def build_backbone(arch="resnet50", small_stem=False, in_chans=3, width=64):
         if isinstance(m, block):
             nn.init.zeros_(getattr(m, "bn3", m.bn2).weight)
     net.fc = nn.Identity()  # the backbone ends at global average pooling: 8 x width x expansion (r18: 512, r50: 2048)
+    net.classifier_path = "fc"
     return net, 8 * width * block.expansion
 
 
@@ -123,36 +134,36 @@ def batch_statistics(*modules, process_group=None):
                 m.process_group = group
 
 
-def momentum_at(t, total, m0):
-    """Cosine momentum schedule of MoCo v3 / BYOL: m(t) = 1 - (1 - m0)(1 + cos(pi t / T)) / 2.
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a SiamMM (as nanoGPT's GPTConfig): train.py makes it from its flags and
+    the data's channels, every checkpoint saves it, evaluate.py and lincls.py rebuild the
+    model from it, and a resumed run must have the same."""
+    arch: str = "resnet50"
+    small_stem: bool = False
+    in_chans: int = 3
+    width: int = 64
+    proj_hidden: int = 4096
+    pred_hidden: int = 4096
+    dim: int = 256
 
-    t is the fractional epoch (updated every iteration), total = T the number of epochs;
-    m goes from m0 at t = 0 to 1 at t = T, so the targets freeze as training ends.
-    """
-    return 1.0 - (1.0 - m0) * (1.0 + math.cos(math.pi * t / total)) / 2.0
-
-
-def model_args(saved):
-    """The settings that shape a SiamMM, read from the flags a train.py checkpoint saved
-    (its "args"); in_chans follows from the data set. One place for the value of a flag
-    that is newer than the checkpoint: --width came later, and every checkpoint from before
-    it is torchvision's 64 wide. train.py builds the model from its own flags with it
-    (model_args(vars(args))) and checks a resume against it; evaluate.py builds from it."""
-    return dict(arch=saved["arch"], small_stem=saved["small_stem"], proj_hidden=saved["proj_hidden"],
-                pred_hidden=saved["pred_hidden"], dim=saved["dim"], width=saved.get("width", 64))
+    def build(self):
+        """The SiamMM of this shape, its backbone constructor passed in."""
+        backbone = functools.partial(build_backbone, self.arch, self.small_stem, self.in_chans, self.width)
+        return SiamMM(backbone, self.proj_hidden, self.pred_hidden, self.dim)
 
 
 class SiamMM(nn.Module):
-    """Online encoder f, g, predictor h, and the momentum encoder f_m, g_m (sec. 3.1)."""
+    """Online encoder f, g, predictor h, and the momentum encoder f_m, g_m (sec. 3.1).
 
-    def __init__(self, arch="resnet50", small_stem=False, in_chans=3,
-                 proj_hidden=4096, pred_hidden=4096, dim=256, width=64):
+    backbone: a constructor that returns (f, its feature dimension), e.g. build_backbone
+    with its options bound (ModelConfig.build); another network is another constructor."""
+
+    def __init__(self, backbone, proj_hidden=4096, pred_hidden=4096, dim=256):
         super().__init__()
-        self.arch, self.small_stem, self.in_chans, self.width = arch, small_stem, in_chans, width
-        self.backbone, feat_dim = build_backbone(arch, small_stem, in_chans, width)
-        self.feat_dim = feat_dim
-        self.projector = mlp(3, feat_dim, proj_hidden, dim, last_bn=True)    # g: 3 layers
-        self.predictor = mlp(2, dim, pred_hidden, dim, last_bn=False)        # h: 2 layers
+        self.backbone, self.feat_dim = backbone()
+        self.projector = mlp(3, self.feat_dim, proj_hidden, dim, last_bn=True)    # g: 3 layers
+        self.predictor = mlp(2, dim, pred_hidden, dim, last_bn=False)             # h: 2 layers
         # f_m, g_m start as exact copies and are only ever changed by update_momentum().
         self.momentum_backbone = copy.deepcopy(self.backbone)
         self.momentum_projector = copy.deepcopy(self.projector)
@@ -199,7 +210,7 @@ class SiamMM(nn.Module):
         crops, not on the clean images of the feature pass, and the mismatch pushes every z
         into a narrow cone, where k-means makes one giant cluster and eq. 9 then pulls every
         q towards the cone's axis: the embedding collapses within an epoch (bench/RESULTS.md,
-        "Stem, blur and the BN statistics of the feature pass").
+        "The BN statistics of the feature pass").
         Batches need at least 2 images for "batch" (data.feature_batches guarantees it, and
         cuts them from a permutation: a class-sorted batch would lose its class's mean);
         group: this rank's own process group when the model has SyncBatchNorm layers."""
@@ -212,107 +223,3 @@ class SiamMM(nn.Module):
         """The online backbone f as a state_dict for torchvision.models.<arch>(): every key
         except fc (load with strict=False and check that only fc.* is missing)."""
         return {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
-
-
-# ----------------------------------------------------------------------------- pre-trained models, for evaluate.py and lincls.py
-def load_pretrained(args, device):
-    """The backbone to measure, its feature dimension, the embedding the mixture was fit on
-    (or None), the mixture (or None) and the training flags, from --checkpoint or --backbone.
-    Sets args.data, data_dir, img_size, arch from the checkpoint where no flag gave them."""
-    if args.checkpoint:
-        model, mixture, train_args = load_checkpoint(args)
-        model = model.to(device)
-        backbone = model.backbone if args.encoder == "online" else model.momentum_backbone
-        # the embedding as train.py's feature pass makes it: the same BN mode, and batches cut
-        # from a seeded permutation (evaluate.py's own --batch-size and --seed)
-        feature_bn = train_args.get("feature_bn", "running")   # checkpoints older than the flag: running
-        return backbone, model.feat_dim, (lambda x: model.embed(x, feature_bn)), mixture, train_args
-    if args.encoder != "online":
-        raise UserError("--encoder momentum needs a --checkpoint (an exported backbone is the online one)")
-    backbone, feat_dim = load_backbone(args)
-    return backbone.to(device), feat_dim, None, None, {}
-
-
-def load_checkpoint(args):
-    """A train.py checkpoint -> (SiamMM in eval mode, VMFMixture or None, training flags).
-
-    The model settings (arch, stem, head widths, D) always come from the checkpoint; the
-    data settings come from it unless a flag overrides them (the data may have moved)."""
-    path = args.checkpoint
-    if not os.path.isfile(path):
-        raise UserError(f"--checkpoint {path}: no such file (train.py writes OUT_DIR/checkpoint.pth)")
-    ckpt = load_checkpoint_file(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
-        raise UserError(f"{path} is not a train.py checkpoint (no 'model' and 'args'); "
-                        "for an exported backbone use --backbone")
-    targs = ckpt["args"]
-    args.data = args.data or targs["data"]
-    args.data_dir = targs.get("data_dir", "") if args.data_dir is None else args.data_dir
-    args.img_size = args.img_size or targs["img_size"]
-    if args.arch and args.arch != targs["arch"]:
-        raise UserError(f"--arch {args.arch} differs from the checkpoint's {targs['arch']}: drop --arch")
-    args.arch, args.small_stem = targs["arch"], targs["small_stem"]
-    in_chans = data.SPECS[targs["data"]].channels
-    if data.SPECS[args.data].channels != in_chans:
-        raise UserError(f"the checkpoint was trained on {targs['data']} ({in_chans} channels); "
-                        f"--data {args.data} has {data.SPECS[args.data].channels}")
-    shape = model_args(targs)
-    args.width = shape["width"]
-    model = SiamMM(in_chans=in_chans, **shape)
-    # Evaluation uses f, f_m and g_m only (the predictor h serves training alone), so only
-    # their tensors must match: a change to the predictor does not lock old checkpoints out.
-    used = ("backbone.", "momentum_backbone.", "momentum_projector.")
-    sd = {k: v for k, v in ckpt["model"].items() if k.startswith(used)}
-    try:
-        missing, _ = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:   # shapes differ
-        raise UserError(f"{path} does not fit the model its flags describe: "
-                        + next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])) from None
-    missing = [k for k in missing if k.startswith(used)]
-    if missing:
-        raise UserError(f"{path} lacks {len(missing)} tensors of the backbone / momentum encoder (e.g. {missing[0]})")
-    mixture = None
-    if ckpt.get("mixture") is not None:
-        mixture = VMFMixture(targs["dim"], ckpt["mixture"]["centroids"].shape[0])
-        mixture.load_state_dict(ckpt["mixture"])
-    return model.eval(), mixture, targs | {"epoch": ckpt.get("epoch")}
-
-
-def load_backbone(args):
-    """An exported backbone state_dict -> (ResNet without fc, in eval mode, feature dim).
-
-    The stem, the width and the input channels are read off conv1's weight (3 x 3 = small
-    stem; its first dimension = width, its second = channels), so only --arch must be right;
-    a wrong one fails to load."""
-    path = args.backbone
-    if not os.path.isfile(path):
-        raise UserError(f"--backbone {path}: no such file")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # a train.py checkpoint holds more than tensors (flags, RNG states)
-        hint = "; a train.py checkpoint? use --checkpoint" if "weights_only" in str(e) else ""
-        raise UserError(f"cannot read backbone {path}: {str(e).strip().splitlines()[0]}{hint}") from None
-    if not isinstance(sd, dict) or "conv1.weight" not in sd:
-        hint = " (a train.py checkpoint: use --checkpoint)" if isinstance(sd, dict) and "model" in sd else ""
-        raise UserError(f"{path} is not a ResNet backbone state_dict (no conv1.weight){hint}")
-    args.data = args.data or "fashion-mnist"
-    args.data_dir = args.data_dir or ""
-    args.img_size = args.img_size or data.SPECS[args.data].img_size
-    args.arch = args.arch or "resnet18"
-    args.small_stem = sd["conv1.weight"].shape[-1] == 3
-    args.width, in_chans = sd["conv1.weight"].shape[:2]
-    if in_chans != data.SPECS[args.data].channels:
-        raise UserError(f"the backbone takes {in_chans}-channel images; --data {args.data} has {data.SPECS[args.data].channels}")
-    try:
-        net, dim = build_backbone(args.arch, args.small_stem, in_chans, args.width)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    try:   # every key must match (fc is an Identity, so the exported backbone has no fc.*)
-        missing, unexpected = net.load_state_dict(sd, strict=False)
-        problem = (f"{len(missing)} missing tensors (e.g. {missing[0]})" if missing else
-                   f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})" if unexpected else None)
-    except RuntimeError as e:   # shapes differ
-        problem = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
-    if problem:
-        raise UserError(f"the weights in {path} do not fit --arch {args.arch}: {problem}")
-    return net.eval(), dim

@@ -27,7 +27,7 @@ from torchvision.utils import make_grid  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
-from cluster import torch_search  # noqa: E402
+from search import knn_votes, torch_search  # noqa: E402
 
 
 def cluster_report(out_dir, ds, feats, labels, classes, assignment, args, device=None, k_history=None, k0=None):
@@ -139,18 +139,18 @@ def cluster_label_votes(labels, clusters):
 def knn_label_votes(feats, labels, k=20, T=0.07, num_classes=None, device=None):
     """The kNN vote on every label: each image's k nearest other images of the same split
     (cosine, an exact search over the features a block at a time) vote exp(cos / T) for
-    their labels, as in knn_classify. No image votes for itself (leave-one-out: an
-    out-of-sample classifier, as confident learning asks); its exact duplicates do. Returns
-    (the label with the most votes, the share of the image's own label in its votes)."""
+    their labels (search.knn_votes, as in evaluate.knn_classify). No image votes for itself
+    (leave-one-out: an out-of-sample classifier, as confident learning asks); its exact
+    duplicates do. Returns (the label with the most votes, the share of the image's own
+    label in its votes)."""
     labels = np.asarray(labels)
     n, C = len(labels), num_classes or int(labels.max()) + 1
     sims, ids = torch_search(feats, feats, k, device or "cpu", exclude_self=True, normalize=True, desc="kNN vote")
-    w = torch.from_numpy(np.exp((sims.astype(np.float64) - 1) / T))   # exp(cos / T), rescaled: no overflow
     nbr, own_label = torch.from_numpy(labels[ids]).long(), torch.from_numpy(labels).long()
     suggested, share = [], []
     step = max(1, 2 ** 24 // C)          # rows x classes of votes at a time (ImageNet: 1.28M x 1000)
     for s in range(0, n, step):
-        v = torch.zeros(len(w[s:s + step]), C, dtype=torch.float64).scatter_add_(1, nbr[s:s + step], w[s:s + step])
+        v = knn_votes(sims[s:s + step], nbr[s:s + step], T, C)
         suggested.append(v.argmax(1))
         share.append(v.gather(1, own_label[s:s + step, None])[:, 0] / v.sum(1))
     return torch.cat(suggested).numpy(), torch.cat(share).numpy()

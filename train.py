@@ -26,6 +26,7 @@ and then a checkpoint and one line of log.jsonl (save_checkpoint, log_epoch).
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -35,12 +36,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import cluster
 import data
 import utils
-from cluster import VMFMixture
-from loss import siammm_loss
-from model import SiamMM, model_args, momentum_at
+from cluster import MERGE_RULES, VMFMixture
+from loss import CLUSTER_LOSSES, INSTANCE_LOSSES, siammm_loss
+from model import ModelConfig
+from search import search_backend
 from utils import UserError, autocast
 
 # ----------------------------------------------------------------------------- config
@@ -107,7 +108,9 @@ def get_args(argv=None):
     p.add_argument("--kappa", default="pca", choices=["pca", "mle", "const"],
                    help="concentration: eq. 16 (PCA), eq. 7 (MLE) or constant (Table 7 ablation)")
     p.add_argument("--pca-dim", type=int, help="d', principal components for eq. 16 (paper 150 of 256)")
-    p.add_argument("--kappa-clip", type=float, default=10.0, help="largest normalised kappa (mean is 1)")
+    p.add_argument("--kappa-clip", type=float, default=10.0,
+                   help="kappa's spread: each estimate is capped at this times their median, and in the loss "
+                        "(kappa normalised to mean 1) at this")
     p.add_argument("--kmeans-iters", type=int, default=3, help="Lloyd iterations per epoch, warm-started (sec. 4.3)")
     p.add_argument("--init-iters", type=int, default=20, help="Lloyd iterations of the first (and re-initialised) k-means")
     p.add_argument("--feature-bn", default="batch", choices=["batch", "running"],
@@ -121,6 +124,8 @@ def get_args(argv=None):
     p.add_argument("--soft-k", type=int, default=3, help="s, nearest centroids per sample (eq. 10); 1 = hard assignment (eq. 8, Table 6)")
     p.add_argument("--tau", type=float, default=0.1, help="temperature of the soft assignment (eq. 10)")
     p.add_argument("--assign-prior", action="store_true", help="add log pi_k to the eq. 10 logits")
+    p.add_argument("--merge-rule", default="eq11", choices=sorted(MERGE_RULES),
+                   help="which pairs of clusters merge after each epoch (cluster.MERGE_RULES); eq11: the paper's")
     p.add_argument("--merge-lambda", type=float, help="lambda of eq. 11; merge if d < E[d] - lambda sigma[d] "
                    "(preset: 1.625 on the CPU, 2.0 on ImageNet)")
     p.add_argument("--no-merge", action="store_true", help="ablation (Table 5): keep K fixed")
@@ -128,9 +133,9 @@ def get_args(argv=None):
     p.add_argument("--cluster-warmup-epochs", type=int, default=0, help="epochs of instance loss only before the first clustering")
     # the loss (eq. 13) and its ablations (Tables 4, 8)
     p.add_argument("--cluster-weight", type=float, default=1.0, help="lambda_c of eq. 13")
-    p.add_argument("--instance-loss", default="byol", choices=["byol", "infonce", "none"],
+    p.add_argument("--instance-loss", default="byol", choices=sorted(INSTANCE_LOSSES),
                    help="eq. 12; infonce = 'SiamMM w/ negative inst'; none = 'SiamMM w/o i' (Table 4)")
-    p.add_argument("--cluster-loss", default="mle", choices=["mle", "neg-centroids", "neg-instances"],
+    p.add_argument("--cluster-loss", default="mle", choices=sorted(CLUSTER_LOSSES),
                    help="eq. 9; eq. 14 negative centroids; eq. 15 negative instances (Table 8)")
     p.add_argument("--infonce-t", type=float, default=1.0, help="InfoNCE temperature (MoCo v3 ResNet: 1.0)")
     p.add_argument("--neg-t", type=float, default=0.2, help="temperature of eq. 14 / 15")
@@ -219,11 +224,15 @@ def build_optimizer(params, args):
 
 
 def lr_at(t, args):
-    """Linear warm-up for warmup_epochs, then half-cosine to 0 (per iteration; t = fractional epoch)."""
-    base = args.lr * args.batch_size / 256
-    if t < args.warmup_epochs:
-        return base * t / args.warmup_epochs
-    return base * 0.5 * (1 + math.cos(math.pi * (t - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
+    """The learning rate at fractional epoch t (set every iteration): lr x batch / 256 (Goyal
+    et al.), reached by a linear warm-up over --warmup-epochs, then half a cosine to 0."""
+    return utils.cosine_schedule(t, args.epochs, args.lr * args.batch_size / 256, warmup=args.warmup_epochs)
+
+
+def model_config(args):
+    """The model's shape from the flags, and the data's channels."""
+    shape = {f: getattr(args, f) for f in ("arch", "small_stem", "width", "proj_hidden", "pred_hidden", "dim")}
+    return ModelConfig(in_chans=data.SPECS[args.data].channels, **shape)
 
 
 class LossMeter:
@@ -273,8 +282,8 @@ def feature_pass(model, loader, args):
     model.eval()  # with --feature-bn batch, embed() switches BN to batch statistics itself
     feats, index = [], []
     for x, _, idx in tqdm(loader, desc="  features", disable=not args.master, leave=False):
-        x = data.to_input(x, args.data, args.dev)
-        with autocast(args.dev, args.amp):
+        x = data.to_input(x, args.data, args.device)
+        with autocast(args.device, args.amp):
             z = model.embed(x, args.feature_bn, args.local_group)
         feats.append(z.float().cpu())
         index.append(idx)
@@ -288,49 +297,44 @@ def cluster_step(model, mixture, loader, n_total, args, times):
     """Steps 1 and 2 (sec. 5.1): the feature pass, then the E/M step on its features: k-means
     warm-started from last epoch's centroids (sec. 4.3), kappa (eq. 7 / 16), and each
     image's s nearest centroids with their eq. 10 weights as N x s tables on the device.
-    Returns (centroids, kappa normalised for the loss, nbr table, w table)."""
+    Returns the epoch's cluster.Assignment."""
     t0 = time.time()
     feats, index = feature_pass(model, loader, args)
     times["features"] = time.time() - t0
     t0 = time.time()
     mixture.fit(feats, index, n_total)
-    nbr, w = mixture.assignment_table(feats, index, n_total, args.soft_k, args.tau, args.assign_prior, args.dev)
+    assignment = mixture.assignment_table(feats, index, n_total, args.soft_k, args.tau, args.assign_prior, args.device)
     times["clustering"] = time.time() - t0
-    return mixture.centroids.to(args.dev), mixture.kappa_for_loss().to(args.dev), nbr, w
+    return assignment
 
 
 # ----------------------------------------------------------------------------- step 3: training
-def train_one_epoch(model, loader, optimizer, scaler, clusters, epoch, args, times):
+def train_one_epoch(model, loader, optimizer, scaler, assignment, epoch, args, times):
     """Step 3: one pass over the shuffled training set with L = L_inst + lambda_c L_clus
     (eq. 13). lr and the EMA momentum follow their schedules per iteration (sec. 5.1, MoCo
     v3); each image's cluster assignment is looked up by its dataset index in the tables
-    of this epoch's E-step (clusters is None in cluster warm-up epochs: eq. 12 only).
+    of this epoch's E-step (assignment is None in cluster warm-up epochs: eq. 12 only).
     Returns the log fields of the epoch."""
-    raw = model.module if args.distributed else model
-    centroids, kappa, nbr_table, w_table = clusters or (None,) * 4
-    meter = LossMeter(args.dev, skips_allowed=scaler.is_enabled())
+    module = model.module if args.distributed else model
+    meter = LossMeter(args.device, skips_allowed=scaler.is_enabled())
     t0, steps = time.time(), len(loader)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not args.master, leave=False)
     for i, ((x1, x2), _, idx) in enumerate(bar):
         t = epoch + i / steps
-        lr, m = lr_at(t, args), momentum_at(t, args.epochs, args.momentum)
+        lr, m = lr_at(t, args), utils.cosine_schedule(t, args.epochs, args.momentum, final=1.0)   # MoCo v3: m0 -> 1
         for g in optimizer.param_groups:
             g["lr"] = lr
-        x1, x2 = data.to_input(x1, args.data, args.dev), data.to_input(x2, args.data, args.dev)
-        with autocast(args.dev, args.amp):
+        x1, x2 = data.to_input(x1, args.data, args.device), data.to_input(x2, args.data, args.device)
+        with autocast(args.device, args.amp):
             q1, q2, k1, k2 = model(x1, x2)
-        nbr, w = None, None
-        if clusters:   # this batch's rows of the E-step's tables, by dataset index
-            i_dev = idx.to(args.dev, non_blocking=True)
-            nbr, w = nbr_table[i_dev], w_table[i_dev]
-        loss, l_inst, l_clus = siammm_loss(q1.float(), q2.float(), k1.float(), k2.float(), centroids, kappa, nbr, w,
-                                           args.cluster_weight, args.instance_loss, args.cluster_loss,
-                                           args.infonce_t, args.neg_t, args.num_neg)
+        rows = assignment.rows(idx.to(args.device, non_blocking=True)) if assignment else None   # by dataset index
+        loss, l_inst, l_clus = siammm_loss(q1.float(), q2.float(), k1.float(), k2.float(), rows,
+                                           instance=args.instance_loss, cluster=args.cluster_loss, **vars(args))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        raw.update_momentum(m)
+        module.update_momentum(m)
         meter.add(loss, l_inst, l_clus)
         if i % 20 == 0 or i == steps - 1:
             check_divergence(meter, bar, epoch, i, args)
@@ -355,38 +359,41 @@ def check_divergence(meter, bar, epoch, step, args):
 
 # ----------------------------------------------------------------------------- step 4: merging
 def merge_step(mixture, args, times):
-    """Step 4: merge close clusters (eq. 11, sec. 4.2). Rank 0 merges and sends the result
+    """Step 4: merge clusters (sec. 4.2) by the rule of --merge-rule (eq. 11 by default).
+    Rank 0 merges and sends its whole mixture state (state_dict: what a checkpoint saves)
     to the others, so all ranks hold bit-identical mixtures even where Faiss or BLAS differ
-    between nodes. Returns (merges, threshold)."""
+    between nodes. Returns (merges, the rule's log entries)."""
     t0 = time.time()
-    merged, thresh = 0, float("nan")
+    merged, info = 0, {}
     if not args.no_merge:
         if args.master:
-            merged, thresh = mixture.merge(args.merge_lambda, min_clusters=args.min_clusters)
+            merged, info = mixture.merge(**vars(args))
         if args.distributed:
-            box = [(mixture.centroids, mixture.counts, mixture.kappa, merged, thresh)]
+            box = [(mixture.state_dict(), merged, info)]
             dist.broadcast_object_list(box, src=0)
-            mixture.centroids, mixture.counts, mixture.kappa, merged, thresh = box[0]
+            state, merged, info = box[0]
+            mixture.load_state_dict(state)
     mixture.k_history.append(int(mixture.centroids.shape[0]))
     times["merging"] = time.time() - t0
-    return merged, thresh
+    return merged, info
 
 
 # ----------------------------------------------------------------------------- checkpoints, log, resume
 # Flags that say where and how this process runs, not what it trains: a resume may change
 # them without a note (the world size too: --batch-size is the total over all processes).
-RUN_FLAGS = {"out_dir", "resume", "stop_after_epoch", "save_every", "workers", "device", "dev", "data_dir",
+RUN_FLAGS = {"out_dir", "resume", "stop_after_epoch", "save_every", "workers", "device", "data_dir",
              "download", "distributed", "rank", "world_size", "local_rank", "master", "dist_timeout"}
 
 
 def save_checkpoint(model, optimizer, scaler, mixture, epoch, steps, args):
-    """Everything a resumed run needs to continue exactly: weights, optimiser, AMP scaler,
-    mixture, epoch and step, every rank's RNG state, the flags. Rank 0 writes it
+    """Everything a resumed run needs to continue exactly: weights, the model's shape,
+    optimiser, AMP scaler, mixture, epoch and step, every rank's RNG state, the flags. Rank 0 writes it
     atomically (utils.atomic_save); every rank takes part in gathering the RNG states."""
     rng = utils.gather_rng(args)
     if not args.master:
         return
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+    ckpt = {"model": model.state_dict(), "model_config": dataclasses.asdict(model_config(args)),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "mixture": mixture.state_dict() if mixture.centroids is not None else None,
             "epoch": epoch + 1, "step": (epoch + 1) * steps, "args": utils.saved_args(args), "rng": rng}
     paths = [os.path.join(args.out_dir, "checkpoint.pth")]
@@ -401,7 +408,7 @@ def log_epoch(record, mixture, merge, times, t_epoch, args):
     one giant cluster), the time of each step and images/s."""
     record["time"] = {k: round(v, 3) for k, v in times.items()} | {"epoch": round(time.time() - t_epoch, 3)}
     if merge is not None:
-        record |= mixture.summary() | {"merged": merge[0], "merge_threshold": merge[1]}
+        record |= mixture.summary() | {"merged": merge[0]} | merge[1]
     if not args.master:
         return
     with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:   # an OSError: one line (utils.guard)
@@ -422,10 +429,12 @@ def resume(ckpt, path, model, optimizer, scaler, mixture, args):
             utils.trim_log(os.path.join(args.out_dir, "log.jsonl"), 0)
         return 0
     saved = ckpt["args"]
-    for k, was in (model_args(saved) | {"data": saved["data"]}).items():
-        if was != getattr(args, k):
-            raise UserError(f"cannot resume {path}: it was trained with --{k.replace('_', '-')} {was}, "
-                            f"this run has {getattr(args, k)}; use the same setting or another --out-dir")
+    mine = dataclasses.asdict(model_config(args)) | {"data": args.data}
+    for k, was in (ckpt["model_config"] | {"data": saved["data"]}).items():
+        if was != mine[k]:
+            flag = "--data (its channels)" if k == "in_chans" else f"--{k.replace('_', '-')}"
+            raise UserError(f"cannot resume {path}: it was trained with {flag} {was}, "
+                            f"this run has {mine[k]}; use the same setting or another --out-dir")
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})" for k in sorted(saved)
                if k not in RUN_FLAGS and k in vars(args) and saved[k] != getattr(args, k)]
     if changed and args.master:
@@ -441,7 +450,7 @@ def resume(ckpt, path, model, optimizer, scaler, mixture, args):
     if ckpt["mixture"] is not None:
         mixture.load_state_dict(ckpt["mixture"])
     if args.rank < len(ckpt["rng"]):
-        utils.set_rng_state(ckpt["rng"][args.rank], args.dev)
+        utils.set_rng_state(ckpt["rng"][args.rank], args.device)
     else:   # more processes than saved the checkpoint: a stream of its own, not a copy of rank 0's
         utils.seed_all(args.seed + args.rank + 1000 * ckpt["epoch"])
     if args.master:
@@ -459,10 +468,10 @@ def main(argv=None):
 def train(args):
     utils.setup_distributed(args, args.dist_timeout)
     args.local_group = None   # a process group of this rank alone, for SyncBN in the feature pass
-    if args.distributed and args.dev.type == "cuda":   # SyncBN must not sync the feature pass (model.batch_statistics)
+    if args.distributed and args.device.type == "cuda":   # SyncBN must not sync the feature pass (model.batch_statistics)
         args.local_group, _ = dist.new_subgroups(group_size=1)
     torch.manual_seed(args.seed)  # the model is built from the same seed on every rank
-    if args.dev.type == "cuda":
+    if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -484,24 +493,24 @@ def train(args):
     sampler = torch.utils.data.DistributedSampler(train_set, args.world_size, args.rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // args.world_size, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=args.dev.type == "cuda",
+                                         num_workers=args.workers, pin_memory=args.device.type == "cuda",
                                          drop_last=True)  # workers re-seeded from the (checkpointed) RNG each epoch
     feat_loader = data.feature_loader(feat_set, args.feature_batch_size, args)
 
     # ---- model, optimiser, mixture
-    model = SiamMM(in_chans=data.SPECS[args.data].channels, **model_args(vars(args)))
+    model = model_config(args).build()
     utils.seed_all(args.seed + args.rank)  # then each rank draws its own augmentations
-    model, raw = utils.distribute(model, args)   # sec. 5.1 / MoCo v3: BN over the global batch
-    optimizer = build_optimizer(raw.online_parameters(), args)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.dev.type == "cuda" and args.amp == "fp16")
-    mixture = VMFMixture(args.dim, args.num_clusters, args.kappa, args.pca_dim, args.init_iters, args.kmeans_iters,
-                         reinit=args.reinit_centroids, nredo=args.nredo, kappa_clip=args.kappa_clip, seed=args.seed,
-                         device=args.dev)
-    start_epoch = resume(*utils.open_run(args, "train.py", {"model", "args", "epoch"}), raw, optimizer, scaler,
-                         mixture, args)
+    model, module = utils.distribute(model, args)   # sec. 5.1 / MoCo v3: BN over the global batch
+    optimizer = build_optimizer(module.online_parameters(), args)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.device.type == "cuda" and args.amp == "fp16")
+    mixture = VMFMixture(args.dim, args.num_clusters, kappa=args.kappa, pca_dim=args.pca_dim, init_iters=args.init_iters,
+                         kmeans_iters=args.kmeans_iters, reinit_centroids=args.reinit_centroids, nredo=args.nredo,
+                         kappa_clip=args.kappa_clip, seed=args.seed, device=args.device)
+    start_epoch = resume(*utils.open_run(args, "train.py", {"model", "model_config", "args", "epoch"}), module,
+                         optimizer, scaler, mixture, args)
     if args.master:
-        print(f"SiamMM | {args.arch} on {args.data} (N = {N}) | {args.world_size} x {args.dev.type} | "
-              f"batch {args.batch_size} | {args.epochs} epochs | K0 = {args.num_clusters} | E-step search: {cluster.search_backend(args.dev)}")
+        print(f"SiamMM | {args.arch} on {args.data} (N = {N}) | {args.world_size} x {args.device.type} | "
+              f"batch {args.batch_size} | {args.epochs} epochs | K0 = {args.num_clusters} | E-step search: {search_backend(args.device)}")
         with open(os.path.join(args.out_dir, "args.json"), "w") as f:   # an OSError: one line (utils.guard)
             json.dump(utils.saved_args(args), f, indent=1)
 
@@ -509,13 +518,13 @@ def train(args):
     for epoch in range(start_epoch, args.epochs):
         t_epoch, times = time.time(), {}
         sampler.set_epoch(epoch)
-        clusters = None
+        assignment = None
         if epoch >= args.cluster_warmup_epochs and args.cluster_weight > 0:
-            clusters = cluster_step(raw, mixture, feat_loader, N, args, times)                # 1, 2
-        record = {"epoch": epoch + 1} | train_one_epoch(model, loader, optimizer, scaler, clusters, epoch, args, times)  # 3
-        merge = merge_step(mixture, args, times) if clusters else None                         # 4
+            assignment = cluster_step(module, mixture, feat_loader, N, args, times)                       # 1, 2
+        record = {"epoch": epoch + 1} | train_one_epoch(model, loader, optimizer, scaler, assignment, epoch, args, times)  # 3
+        merge = merge_step(mixture, args, times) if assignment else None                                # 4
         log_epoch(record, mixture, merge, times, t_epoch, args)
-        save_checkpoint(raw, optimizer, scaler, mixture, epoch, len(loader), args)
+        save_checkpoint(module, optimizer, scaler, mixture, epoch, len(loader), args)
         if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch:
             break
     if args.distributed:

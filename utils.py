@@ -109,35 +109,35 @@ def check_memory(nbytes, what, flag):
 # ----------------------------------------------------------------------------- processes
 def setup_distributed(args, timeout_min=30.0):
     """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `python x.py` is one process. Sets
-    args.distributed, rank, world_size, local_rank, master and dev (this process's device)
-    from args.device ("auto", "cpu", "cuda", "cuda:N").
+    args.distributed, rank, world_size, local_rank and master, and turns args.device (the
+    flag: "auto", "cpu", "cuda", "cuda:N") into this process's torch.device.
 
     timeout_min bounds every collective: a rank that stops (frozen, or its node lost)
     would otherwise leave the others waiting in an all-reduce, and torchrun does not notice
     a stopped process. The others then fail after the timeout instead of hanging."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device not in ("cpu", "cuda") and not (args.device.startswith("cuda:") and args.device[5:].isdigit()):
-        raise UserError(f"--device {args.device}: auto, cpu, cuda or cuda:N")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}, but torch sees no GPU: use --device cpu")
+    name = str(args.device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise UserError(f"--device {name}: auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}, but torch sees no GPU: use --device cpu")
     args.distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if args.distributed and args.device.startswith("cuda:"):
-        raise UserError(f"--device {args.device} under torchrun would put every process on one GPU: "
+    if args.distributed and name.startswith("cuda:"):
+        raise UserError(f"--device {name} under torchrun would put every process on one GPU: "
                         "use --device cuda (each process takes cuda:LOCAL_RANK)")
     args.rank, args.world_size, args.local_rank = 0, 1, 0
     if args.distributed:
         args.rank, args.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
     args.master = args.rank == 0
-    if args.device.startswith("cuda"):
-        index = int(args.device[5:]) if args.device.startswith("cuda:") else args.local_rank
-        args.dev = torch.device("cuda", index)
-        torch.cuda.set_device(args.dev)
+    if name.startswith("cuda"):
+        args.device = torch.device("cuda", int(name[5:]) if name.startswith("cuda:") else args.local_rank)
+        torch.cuda.set_device(args.device)
     else:
-        args.dev = torch.device("cpu")
-    if args.distributed:
-        dist.init_process_group("nccl" if args.dev.type == "cuda" else "gloo",
+        args.device = torch.device("cpu")
+    if args.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_min))
     return args
 
@@ -147,14 +147,14 @@ def distribute(model, args, sync_bn=True):
     wrapped in DistributedDataParallel, its BatchNorms synchronised over all GPUs when
     sync_bn (MoCo v3; CPU runs use gloo, where SyncBatchNorm does not run). Returns (the
     model to call in training, the model itself)."""
-    if args.distributed and args.dev.type == "cuda" and sync_bn:
+    if args.distributed and args.device.type == "cuda" and sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(args.dev)
-    if args.dev.type == "cuda":
+    model = model.to(args.device)
+    if args.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if not args.distributed:
         return model, model
-    ids = [args.dev.index] if args.dev.type == "cuda" else None
+    ids = [args.device.index] if args.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids), model
 
 
@@ -170,37 +170,73 @@ def autocast(device, amp="bf16"):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def gather_rows(local, index, n_total, args):
-    """The n_total-row table of a split on rank 0, row index[i] = local[i] of whichever rank
-    embedded it; None on the other ranks. Sent in pieces of at most 2^24 values, padded to
-    one length (collectives need equal shapes)."""
-    if not args.distributed:
-        table = torch.empty((n_total,) + tuple(local.shape[1:]), dtype=local.dtype)
-        table[index] = local
+def distributed():
+    """True under torch.distributed with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def reduce_device():
+    """Where the process group sums tensors: NCCL only reduces CUDA tensors, gloo CPU ones."""
+    if distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(t):
+    """t summed over all ranks, on t's own device (t itself on one process). The M-step's
+    sums (cluster.py) are all this: r_k, n_k, the PCA moments, the objective."""
+    if not distributed():
+        return t
+    x = t.to(reduce_device())
+    dist.all_reduce(x)
+    return x.to(t.device)
+
+
+def gather_rows(local, index, n_total, dst=None):
+    """The n_total-row table whose row index[i] is local[i], from whichever rank holds it:
+    on every rank (dst=None), or on rank dst alone (the others get None). Every rank passes
+    a tensor of the same row shape and type, with 0 rows where it holds none.
+
+    Each row has exactly one owner, so the table is the sum over ranks of tables that are
+    zero except for their own rows: an all-reduce (or a reduce to dst), in pieces of at most
+    2^24 values, so that a rank holds its shard, the table where it keeps one, and one piece.
+    Uses: the E-step's assignment tables on every rank (any rank looks up any sample of its
+    batch), InfoNCE's keys of every rank (MoCo v3's concat_all_gather), evaluate.py's
+    features on rank 0."""
+    index = torch.as_tensor(index).long().cpu()
+    row_shape = tuple(local.shape[1:])
+    if not distributed():
+        table = torch.zeros((n_total,) + row_shape, dtype=local.dtype, device=local.device)
+        table[index.to(local.device)] = local
         return table
-    shape = [None] * args.world_size   # a rank without a batch has no rows: learn the row shape from the others
-    dist.all_gather_object(shape, (len(index), None if local is None else (tuple(local.shape[1:]), local.dtype)))
-    counts = [n for n, _ in shape]
-    row_shape, dtype = next(s for _, s in shape if s is not None)
-    if local is None:
-        local = torch.zeros((0,) + row_shape, dtype=dtype)
-    dev = args.dev if dist.get_backend() == "nccl" else torch.device("cpu")
-    table = torch.empty((n_total,) + row_shape, dtype=dtype) if args.master else None
+    dev = reduce_device()
+    keep = dst is None or dist.get_rank() == dst
+    table = torch.empty((n_total,) + row_shape, dtype=local.dtype, device=local.device) if keep else None
     step = max(1, 2 ** 24 // max(1, math.prod(row_shape)))
-    for s in range(0, max(counts), step):
-        piece = torch.zeros((step,) + row_shape, dtype=dtype)
-        ids = torch.full((step,), -1, dtype=torch.long)
-        part = local[s:s + step]
-        piece[:len(part)], ids[:len(part)] = part, index[s:s + step]
-        pieces = [torch.empty_like(piece, device=dev) for _ in range(args.world_size)] if args.master else None
-        id_lists = [torch.empty_like(ids, device=dev) for _ in range(args.world_size)] if args.master else None
-        dist.gather(piece.to(dev), pieces, dst=0)
-        dist.gather(ids.to(dev), id_lists, dst=0)
-        if args.master:
-            for p, i in zip(pieces, id_lists):
-                i = i.cpu()
-                table[i[i >= 0]] = p.cpu()[i >= 0]
+    for s in range(0, n_total, step):
+        e = min(s + step, n_total)
+        piece = torch.zeros((e - s,) + row_shape, dtype=local.dtype, device=dev)
+        mine = (index >= s) & (index < e)
+        piece[(index[mine] - s).to(dev)] = local[mine.to(local.device)].to(dev)
+        if dst is None:
+            dist.all_reduce(piece)
+        else:
+            dist.reduce(piece, dst)
+        if keep:
+            table[s:e] = piece.to(local.device)
     return table
+
+
+# ----------------------------------------------------------------------------- schedules
+def cosine_schedule(t, total, base, final=0.0, warmup=0.0):
+    """Linear warm-up from 0 to `base` over the first `warmup` of `total`, then half a cosine
+    from `base` to `final` at t = total (DINO's cosine_scheduler, as a function of t; t,
+    warmup and total in one unit: epochs, fractional epochs or steps). The learning rates of
+    train.py (sec. 5.1), lincls.py (main_lincls, per epoch) and the quick probe follow it,
+    and the EMA momentum (MoCo v3, BYOL: from m0 to 1)."""
+    if t < warmup:
+        return base * t / warmup
+    return final + (base - final) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -245,7 +281,7 @@ def load_checkpoint_file(path, what="checkpoint"):
 def saved_args(args):
     """The flags as written to args.json and the checkpoints: no process-group or lock handle,
     the device as its name."""
-    return {k: v for k, v in vars(args).items() if k not in ("local_group", "lock", "dev")} | {"dev": str(args.dev)}
+    return {k: v for k, v in vars(args).items() if k not in ("local_group", "lock")} | {"device": str(args.device)}
 
 
 def open_run(args, program, keys):
@@ -347,7 +383,7 @@ def set_rng_state(s, dev):
 def gather_rng(args):
     """Every rank's RNG state (rank 0 saves them all), so a resumed run draws the same
     augmentations on every rank as the uninterrupted one would have."""
-    state = rng_state(args.dev)
+    state = rng_state(args.device)
     if not args.distributed:
         return [state]
     out = [None] * args.world_size

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cluster  # noqa: E402
+import search  # noqa: E402
 from cluster import VMFMixture  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def machine():
     return (f"{cpu} | os.cpu_count() = {os.cpu_count()}, usable cores = {len(os.sched_getaffinity(0))}, "
             f"torch threads = {torch.get_num_threads()}, faiss threads = {faiss.omp_get_max_threads()} | "
             f"torch {torch.__version__}, faiss {faiss.__version__} ({'GPU build' if hasattr(faiss, 'StandardGpuResources') else 'CPU build'}, "
-            f"{gpus} GPU(s) seen, so {'GPU' if cluster.faiss_has_gpu() else 'CPU'} search) | numpy {np.__version__}, python {platform.python_version()}")
+            f"{gpus} GPU(s) seen, so {'GPU' if search.faiss_has_gpu() else 'CPU'} search) | numpy {np.__version__}, python {platform.python_version()}")
 
 
 def load():
@@ -89,16 +90,16 @@ def bench_merge(K, D, lam, repeats, thread_counts, seed=0):
         set_threads(threads)
         for name, C in cases.items():
             def fresh():
-                m = VMFMixture(D, K, kappa_mode="mle", seed=seed)
+                m = VMFMixture(D, K, kappa="mle", seed=seed)
                 m.centroids, m.counts, m.kappa = C.clone(), counts.clone(), kappa.clone()
                 return m
             # one run stage by stage (the calls merge() makes) ...
             m = fresh()
             with Clock() as t_mom:
-                mean_d, std_d = m.distance_moments()
+                mean_d, std_d = cluster.distance_moments(m.centroids)
             thresh = mean_d - lam * std_d
             with Clock() as t_pairs:
-                r, c, d = cluster.close_pairs(m.centroids.numpy(), thresh, seed=seed)
+                r, c, d = search.close_pairs(m.centroids.numpy(), thresh, seed=seed)
             with Clock() as t_match:
                 cluster.greedy_matching(r, c, d, K, max_pairs=K - 1)
             # ... then merge() end to end, best and median of `repeats`
@@ -106,14 +107,14 @@ def bench_merge(K, D, lam, repeats, thread_counts, seed=0):
             for _ in tqdm(range(repeats), desc=f"merge, {name}, {threads} thread(s)", leave=False):
                 m = fresh()
                 with Clock() as t:
-                    merged, _ = m.merge(lam)
+                    merged, _ = m.merge(merge_lambda=lam)
                 walls.append(t.wall), cpus.append(t.cpu)
             rows.append((name, threads, t_mom, t_pairs, t_match, walls, cpus, len(r), merged, m.centroids.shape[0],
                          mean_d, std_d, thresh))
     set_threads(default)
 
-    search = "exact kNN" if K <= cluster.EXACT_MAX else "k-means cells"
-    print(f"\n1. Merging, K = {K:,}, D = {D}, lambda = {lam} ({search} candidate search) | {load()}")
+    how = "exact kNN" if K <= search.EXACT_MAX else "k-means cells"
+    print(f"\n1. Merging, K = {K:,}, D = {D}, lambda = {lam} ({how} candidate search) | {load()}")
     head = (f"{'centroids':25s} {'thr':>3s} {'moments':>8s} {'pairs':>7s} {'match':>6s} | {'merge() best':>12s} {'median':>7s} "
             f"{'cpu':>6s} | {'cands':>8s} {'merged':>7s} {'K after':>8s} | E[d]   sigma  thresh")
     print(head)
@@ -170,7 +171,7 @@ def bench_em(N, D, K, nredo, init_iters, warm_iters, no_early_stop, seed=0):
     idx = torch.arange(N)
     print(f"\n2. E/M step, N = {N:,}, D = {D}, K = {K:,}: PCL-style re-initialisation (nredo = {nredo}, "
           f"up to {init_iters} Lloyd iterations each) vs one warm-started iteration")
-    pcl = VMFMixture(D, K, kappa_mode="pca", init_iters=init_iters, reinit=True, nredo=nredo, seed=seed)
+    pcl = VMFMixture(D, K, kappa="pca", init_iters=init_iters, reinit_centroids=True, nredo=nredo, seed=seed)
     if no_early_stop:
         pcl.tol = -float("inf")                              # PCL's Faiss k-means: always init_iters iterations
     with EStepCounter() as es, tqdm(total=nredo * (init_iters + 1), desc="PCL re-init (E-steps, at most)") as bar:
@@ -179,7 +180,7 @@ def bench_em(N, D, K, nredo, init_iters, warm_iters, no_early_stop, seed=0):
             pcl.fit(X, idx, N)
     pcl_steps = es.n
     # next epoch: warm start from the centroids the previous epoch ended with (sec. 4.3)
-    warm = VMFMixture(D, K, kappa_mode="pca", iters=warm_iters, seed=seed)
+    warm = VMFMixture(D, K, kappa="pca", kmeans_iters=warm_iters, seed=seed)
     warm.load_state_dict(pcl.state_dict())
     with EStepCounter() as es, tqdm(total=warm_iters + 1, desc=f"warm start, {warm_iters} iteration(s)") as bar:
         es.bar = bar

@@ -21,7 +21,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import evaluate as ev  # noqa: E402
-import model as model_lib  # noqa: E402
 import report  # noqa: E402
 import utils  # noqa: E402
 
@@ -48,7 +47,7 @@ def main():
     eargs = ev.get_args(["--checkpoint", args.checkpoint, "--workers", str(args.workers), "--no-raw"])
     try:
         utils.setup_distributed(eargs)
-        backbone, _, embed, mixture, _ = model_lib.load_pretrained(eargs, eargs.dev)
+        backbone, _, embed, mixture, _ = ev.load_pretrained(eargs, eargs.device)
     except utils.UserError as e:
         p.error(str(e))
     if mixture is None:
@@ -57,7 +56,7 @@ def main():
                      args.train_subset, args.seed)
     split = ev.extract(ds, backbone, embed, eargs)
     feats, labels = split.feats, split.labels
-    clusters, cos, _ = ev.assign_clusters(split.emb, mixture.centroids, eargs.dev)
+    clusters, cos, _ = ev.assign_clusters(split.emb, mixture.centroids, eargs.device)
 
     # flip a seeded share of the labels, each to one of the other classes
     labels = labels.numpy()

@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
+from cluster import Assignment  # noqa: E402
 from loss import siammm_loss  # noqa: E402
-from model import SiamMM, model_args  # noqa: E402
 
 
 def seconds_per_call(fn, warmup, calls, dev, desc):
@@ -41,11 +41,9 @@ def seconds_per_call(fn, warmup, calls, dev, desc):
 
 def main():
     args = train.get_args(sys.argv[1:] + ["--workers", "0"])
-    args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(args.device)
-    args.dev, args.distributed = dev, False
+    dev = utils.setup_distributed(args).device
     B = args.batch_size
-    model = SiamMM(in_chans=data.SPECS[args.data].channels, **model_args(vars(args))).to(dev)   # --width included
+    model = train.model_config(args).build().to(dev)   # --width included
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = train.build_optimizer(model.online_parameters(), args)
@@ -57,14 +55,14 @@ def main():
         x1, x2 = x1.to(memory_format=torch.channels_last), x2.to(memory_format=torch.channels_last)
     K = min(args.num_clusters, 10000)
     centroids = torch.nn.functional.normalize(torch.randn(K, args.dim, device=dev), dim=1)
-    kappa = torch.ones(K, device=dev)
     nbr = torch.randint(0, K, (B, args.soft_k), device=dev)
-    w = torch.full((B, args.soft_k), 1.0 / args.soft_k, device=dev)
+    rows = Assignment(centroids, torch.ones(K, device=dev), nbr, torch.full((B, args.soft_k), 1.0 / args.soft_k, device=dev))
 
     def step():
         with utils.autocast(dev, args.amp):
             q1, q2, k1, k2 = model(x1, x2)
-        loss, _, _ = siammm_loss(q1.float(), q2.float(), k1.float(), k2.float(), centroids, kappa, nbr, w)
+        loss, _, _ = siammm_loss(q1.float(), q2.float(), k1.float(), k2.float(), rows, instance=args.instance_loss,
+                                 cluster=args.cluster_loss, **vars(args))
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)

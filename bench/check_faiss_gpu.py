@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cluster  # noqa: E402
+import search  # noqa: E402
 import faiss  # noqa: E402
 
 
@@ -66,9 +67,9 @@ def main():
     runs = {}
     dev = torch.device(args.device)
     if dev.type == "cuda":
-        if cluster.faiss_has_gpu():   # nearest_centroid takes Faiss's GPU index by itself here
+        if search.faiss_has_gpu():   # nearest_centroid takes Faiss's GPU index by itself here
             runs["Faiss GPU index"] = timed("Faiss GPU index", lambda: cluster.nearest_centroid(feats, cents, dev))
-    runs[f"torch search on {dev}"] = timed(f"torch search on {dev}", lambda: cluster.torch_search(feats, cents, 1, dev))
+    runs[f"torch search on {dev}"] = timed(f"torch search on {dev}", lambda: search.torch_search(feats, cents, 1, dev))
     if dev.type == "cuda":
         x = torch.randn(1024, 1024, device=dev)   # torch's own CUDA runtime still works after Faiss's
         runs["torch matmul after Faiss"] = timed("torch matmul after Faiss", lambda: (x @ x.T).diagonal()[:1])

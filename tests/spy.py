@@ -61,7 +61,7 @@ def install(patch):
 
     def spy_cluster_step(model, mixture, *a, **kw):
         out = cluster_step(model, mixture, *a, **kw)
-        rec["mixture"].append({"centroids": out[0].cpu().clone(), "kappa": out[1].cpu().clone(),
+        rec["mixture"].append({"centroids": out.centroids.cpu().clone(), "kappa": out.kappa.cpu().clone(),
                                "counts": mixture.counts.clone()})
         return out
     patch(train, "cluster_step", spy_cluster_step)
@@ -72,7 +72,8 @@ def install(patch):
     def spy_loss(*a, **kw):
         bound = names.bind(*a, **kw).arguments
         out = loss_fn(*a, **kw)
-        nbr, w = bound.get("nbr"), bound.get("w")
+        rows = bound.get("a")                  # the batch's cluster.Assignment (None: no cluster term)
+        nbr, w = (None, None) if rows is None else (rows.nbr, rows.w)
         rec["steps"].append({"epoch": rec["epoch"], "loss": float(out[0].detach()), "inst": float(out[1]),
                              "clus": float(out[2]),
                              "nbr": None if nbr is None else nbr.cpu().clone(),

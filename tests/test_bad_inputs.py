@@ -154,7 +154,7 @@ def test_evaluate_refuses_a_stage_that_would_take_hours():
     """The all-pairs kNN vote over ImageNet's train split on a CPU (6.7 PFLOP) is refused
     before any image is decoded, naming the flags that avoid it."""
     args = ev.get_args(["--backbone", "x.pth", "--device", "cpu", "--no-raw"])
-    args.dev, args.data, args.img_size = torch.device("cpu"), "imagenet", 224
+    args.device, args.data, args.img_size = torch.device("cpu"), "imagenet", 224
     with pytest.raises(ev.UserError, match="--mislabel-votes cluster"):
         ev.plan(1281167, 500, 2048, 256, 1000, args)
     args.mislabel_votes = "cluster"

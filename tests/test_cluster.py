@@ -22,7 +22,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import cluster  # noqa: E402
-from cluster import VMFMixture, close_pairs, greedy_matching, kappa_mle  # noqa: E402
+import search  # noqa: E402
+from cluster import VMFMixture, distance_moments, greedy_matching, kappa_mle  # noqa: E402
+from search import close_pairs  # noqa: E402
 from conftest import free_port  # noqa: E402
 
 
@@ -105,13 +107,13 @@ def loop_greedy(rows, cols, d, max_pairs=None):
     return out[:max_pairs]
 
 
-def with_state(D, centroids, counts=None, kappa=None, **kw):
+def with_state(D, centroids, counts=None, kappas=None, **kw):
     """A mixture holding the given state, as after a fit (or a load_state_dict)."""
     m = VMFMixture(D, len(centroids), **kw)
     m.centroids = unit(centroids).contiguous()
     K = len(centroids)
     m.counts = torch.as_tensor(counts if counts is not None else [1] * K, dtype=torch.long)
-    m.kappa = torch.as_tensor(kappa if kappa is not None else [1.0] * K, dtype=torch.float32)
+    m.kappa = torch.as_tensor(kappas if kappas is not None else [1.0] * K, dtype=torch.float32)
     return m
 
 
@@ -156,7 +158,7 @@ def match_components(mix, true_means):
 def test_recover_centroids_and_kappa_mle(mixture_data):
     means, X, _ = mixture_data
     N = len(X)
-    mix = VMFMixture(D_TRUE, len(KAPPAS), kappa_mode="mle", init_iters=50, seed=0).fit(X, torch.arange(N), N)
+    mix = VMFMixture(D_TRUE, len(KAPPAS), kappa="mle", init_iters=50, seed=0).fit(X, torch.arange(N), N)
     assert mix.centroids.shape == (len(KAPPAS), D_TRUE)
     cos, best = match_components(mix, means)
     assert (cos > 0.99).all(), cos
@@ -173,7 +175,7 @@ def test_recover_kappa_pca_when_extra_dims_carry_no_signal(mixture_data):
     Q = torch.linalg.qr(torch.randn(D, D_TRUE, generator=torch.Generator().manual_seed(2), dtype=torch.float64))[0]
     Y, means_D = (X.double() @ Q.T).float(), (means.double() @ Q.T).float()
     N = len(Y)
-    fits = {mode: VMFMixture(D, len(KAPPAS), kappa_mode=mode, pca_dim=D_TRUE, init_iters=50, seed=0)
+    fits = {mode: VMFMixture(D, len(KAPPAS), kappa=mode, pca_dim=D_TRUE, init_iters=50, seed=0)
             .fit(Y, torch.arange(N), N) for mode in ("pca", "mle")}
     truth = torch.tensor(KAPPAS)
     for mode, mix in fits.items():
@@ -195,7 +197,7 @@ def test_pca_kappa_matches_direct_computation():
     D, dp, K = 12, 4, 5
     X = unit(torch.randn(3000, D, generator=g) * torch.logspace(0, -1.5, D) + 0.3 * torch.ones(D))
     C = unit(X[:K] + 0.1 * torch.randn(K, D, generator=g))
-    mix = with_state(D, C, kappa_mode="pca", pca_dim=dp, iters=0)
+    mix = with_state(D, C, kappa="pca", pca_dim=dp, kmeans_iters=0)
     mix.fit(X, torch.arange(len(X)), len(X))
     Xd = X.double().numpy()
     lab = (X @ mix.centroids.T).argmax(1).numpy()
@@ -225,7 +227,7 @@ def test_distance_moments_match_all_pairs_at_K500():
     spread = unit(torch.randn(500, 32, generator=g))
     cone = unit(4 * unit(torch.randn(32, generator=g)) + torch.randn(500, 32, generator=g) / 32 ** 0.5)
     for M in (spread, cone):
-        mean_d, std_d = with_state(32, M).distance_moments()
+        mean_d, std_d = distance_moments(unit(M).contiguous())
         bm, bs = brute_moments(M)
         assert abs(mean_d - bm) < 1e-6 and abs(std_d - bs) < 1e-5 * max(1, bs), (mean_d, bm, std_d, bs)
     assert brute_moments(cone)[0] < 0.1                  # the cone really is narrow
@@ -280,7 +282,8 @@ def test_merge_hand_built_case(hand_built):
     mix = with_state(D, M, counts, kappa)
     brute = brute_greedy(M, 0.12)
     assert [(names[j], names[k]) for j, k in brute] == [("P1", "P2"), ("Q0", "Q1"), ("R0", "R1"), ("P0", "P3")]
-    merged, thresh = mix.merge(lam)
+    merged, info = mix.merge(merge_lambda=lam)
+    thresh = info["merge_threshold"]
     assert abs(thresh - 0.12) < 1e-6
     assert merged == 4 and mix.centroids.shape[0] == len(M) - 4
     pairs = {frozenset(p) for p in brute}
@@ -296,7 +299,7 @@ def test_merge_leaves_earlier_state_untouched(hand_built):
     mix = with_state(D, M, counts.clone(), kappa.clone())
     sd = mix.state_dict()
     before = {k: sd[k].clone() for k in ("centroids", "counts", "kappa")}
-    assert mix.merge(lam)[0] == 4
+    assert mix.merge(merge_lambda=lam)[0] == 4
     for k, v in before.items():
         assert torch.equal(sd[k], v), k
 
@@ -304,18 +307,18 @@ def test_merge_leaves_earlier_state_untouched(hand_built):
 def test_merge_respects_min_clusters(hand_built):
     D, M, names, counts, kappa, lam = hand_built
     mix = with_state(D, M, counts, kappa)
-    merged, _ = mix.merge(lam, min_clusters=len(M) - 2)
+    merged, _ = mix.merge(merge_lambda=lam, min_clusters=len(M) - 2)
     assert merged == 2 and mix.centroids.shape[0] == len(M) - 2
     groups = [[1, 2], [4, 5]] + [[i] for i in range(len(M)) if i not in (1, 2, 4, 5)]  # the two closest pairs
     check_final(mix, merged_state(M, counts, kappa, groups))
-    assert mix.merge(lam, min_clusters=len(M) - 2)[0] == 0      # K is at the floor: no more merges
+    assert mix.merge(merge_lambda=lam, min_clusters=len(M) - 2)[0] == 0      # K is at the floor: no more merges
     assert mix.centroids.shape[0] == len(M) - 2
 
 
 def test_merge_degenerate_sizes():
     m = with_state(4, torch.eye(4)[:2])
-    merged, thresh = m.merge(0.0)
-    assert merged == 0 and np.isnan(thresh) and m.centroids.shape[0] == 2
+    merged, info = m.merge(merge_lambda=0.0)
+    assert merged == 0 and info == {} and m.centroids.shape[0] == 2
 
 
 def test_merge_many_pairs_each_cluster_at_most_once():
@@ -333,7 +336,7 @@ def test_merge_many_pairs_each_cluster_at_most_once():
     assert len(np.unique(nodes)) == len(nodes)
     assert sorted(zip(a.tolist(), b.tolist())) == sorted(brute_greedy(M, thresh))
     mix = with_state(6, M, torch.ones(K, dtype=torch.long))
-    merged, _ = mix.merge(-0.5, neighbours=K - 1)
+    merged, _ = mix.merge(merge_lambda=-0.5, neighbours=K - 1)
     assert merged == len(a) > 10 and mix.centroids.shape[0] == K - merged
     assert sorted(mix.counts.tolist()) == [1] * (K - 2 * merged) + [2] * merged
 
@@ -395,7 +398,7 @@ def test_pairs_within_cells_small_and_uneven_cells():
     g = torch.Generator().manual_seed(0)
     M = unit(torch.randn(40, 5, generator=g))
     cell = torch.tensor([0] * 25 + [1] * 2 + [2] * 1 + [4] * 12)          # cell 3 is empty
-    rows, cols, d = cluster._pairs_within_cells(M, cell, 5, neighbours=3, batch=3)
+    rows, cols, d = search._pairs_within_cells(M, cell, 5, neighbours=3, batch=3)
     for j in range(40):
         same = [k for k in range(40) if cell[k] == cell[j] and k != j]
         want = sorted(same, key=lambda k: -float(M[j] @ M[k]))[:3]
@@ -420,9 +423,9 @@ def twenty_clusters():
 def test_warm_start_zero_iterations_keeps_centroids(twenty_clusters):
     X, _ = twenty_clusters
     N = len(X)
-    mix = VMFMixture(16, 20, kappa_mode="mle", init_iters=100, tol=1e-6, seed=0).fit(X, torch.arange(N), N)
+    mix = VMFMixture(16, 20, kappa="mle", init_iters=100, tol=1e-6, seed=0).fit(X, torch.arange(N), N)
     before = mix.centroids.clone(), mix.counts.clone(), mix.kappa.clone()
-    mix.iters = 0
+    mix.kmeans_iters = 0
     mix.fit(X, torch.arange(N), N)
     assert mix.n_iter == 0
     assert torch.equal(mix.centroids, before[0])
@@ -433,7 +436,7 @@ def test_warm_start_converges_faster_than_fresh(twenty_clusters):
     X, drift = twenty_clusters
     N = len(X)
     idx = torch.arange(N)
-    kw = dict(kappa_mode="mle", init_iters=100, iters=100, tol=1e-4)
+    kw = dict(kappa="mle", init_iters=100, kmeans_iters=100, tol=1e-4)
     for seed in (0, 1, 2):
         mix = VMFMixture(16, 20, seed=seed, **kw).fit(X, idx, N)
         fresh_same = mix.n_iter
@@ -452,10 +455,10 @@ def test_reinit_keeps_best_of_restarts(twenty_clusters):
     X, _ = twenty_clusters
     N = len(X)
     idx = torch.arange(N)
-    alone = [VMFMixture(16, 20, kappa_mode="mle", reinit=True, nredo=1, seed=r).fit(X, idx, N) for r in range(5)]
+    alone = [VMFMixture(16, 20, kappa="mle", reinit_centroids=True, nredo=1, seed=r).fit(X, idx, N) for r in range(5)]
     best = max(range(5), key=lambda r: alone[r].objective)
     assert best != 0 and alone[best].objective > alone[0].objective + 1e-4
-    five = VMFMixture(16, 20, kappa_mode="mle", reinit=True, nredo=5, seed=0).fit(X, idx, N)
+    five = VMFMixture(16, 20, kappa="mle", reinit_centroids=True, nredo=5, seed=0).fit(X, idx, N)
     assert five.objective == alone[best].objective
     assert torch.equal(five.centroids, alone[best].centroids)
     five.fit(X, idx, N)                                      # reinit: a new random start, not a warm one
@@ -468,8 +471,8 @@ def test_reinit_keeps_the_merged_k(twenty_clusters):
     X, _ = twenty_clusters
     N = len(X)
     idx = torch.arange(N)
-    mix = VMFMixture(16, 40, kappa_mode="mle", reinit=True, nredo=2, seed=0).fit(X, idx, N)
-    merged, _ = mix.merge(0.0)
+    mix = VMFMixture(16, 40, kappa="mle", reinit_centroids=True, nredo=2, seed=0).fit(X, idx, N)
+    merged, _ = mix.merge(merge_lambda=0.0)
     k = mix.centroids.shape[0]
     assert merged > 0 and k < 40
     mix.fit(X, idx, N)
@@ -485,7 +488,7 @@ def test_singleton_cluster_gets_median_kappa():
     X = torch.from_numpy(X).float()
     N = len(X)
     for mode in ("mle", "pca"):
-        mix = with_state(D, e[:3], kappa_mode=mode, pca_dim=6, iters=0)  # warm start from the true means
+        mix = with_state(D, e[:3], kappa=mode, pca_dim=6, kmeans_iters=0)  # warm start from the true means
         mix.fit(X, torch.arange(N), N)
         assert mix.counts.tolist() == [300, 300, 1]
         assert torch.isfinite(mix.kappa).all()
@@ -505,7 +508,7 @@ def test_duplicate_pair_cluster_does_not_swamp_kappa():
     X = torch.from_numpy(np.concatenate([np.concatenate([sample_vmf(m, 100.0, 200, rng) for m in means]),
                                          dup[None], dup[None]])).float()
     for mode in ("mle", "pca"):
-        mix = with_state(D, np.concatenate([means, dup[None]]), kappa_mode=mode, pca_dim=24, iters=0)
+        mix = with_state(D, np.concatenate([means, dup[None]]), kappa=mode, pca_dim=24, kmeans_iters=0)
         mix.fit(X, torch.arange(len(X)), len(X))
         assert mix.counts[-1] == 2
         assert float(mix.kappa[-1]) <= mix.kappa_clip * float(mix.kappa.median()) * (1 + 1e-6)
@@ -514,7 +517,7 @@ def test_duplicate_pair_cluster_does_not_swamp_kappa():
 
 
 def test_kappa_for_loss_mean_one_then_clipped():
-    mix = with_state(4, torch.eye(4), kappa=[1.0, 2.0, 3.0, 100.0], kappa_clip=2.0)
+    mix = with_state(4, torch.eye(4), kappas=[1.0, 2.0, 3.0, 100.0], kappa_clip=2.0)
     k = mix.kappa_for_loss()
     raw = mix.kappa / mix.kappa.mean()
     assert abs(float(raw.mean()) - 1) < 1e-6
@@ -522,7 +525,7 @@ def test_kappa_for_loss_mean_one_then_clipped():
     assert float(k.max()) == 2.0
     mix.kappa_clip = 10.0
     assert abs(float(mix.kappa_for_loss().mean()) - 1) < 1e-6     # no clipping: mean exactly 1
-    const = VMFMixture(4, 2, kappa_mode="const").fit(unit(torch.randn(50, 4)), torch.arange(50), 50)
+    const = VMFMixture(4, 2, kappa="const").fit(unit(torch.randn(50, 4)), torch.arange(50), 50)
     assert torch.equal(const.kappa, torch.ones(const.centroids.shape[0]))
 
 
@@ -532,7 +535,7 @@ def test_empty_clusters_are_dropped():
     e = np.eye(D)
     X = torch.from_numpy(np.concatenate([sample_vmf(e[i], 50.0, 200, rng) for i in range(3)])).float()
     N = len(X)
-    mix = with_state(D, np.concatenate([e[:3], -e[:1]]), kappa_mode="mle", iters=2)  # -e0: nobody's nearest
+    mix = with_state(D, np.concatenate([e[:3], -e[:1]]), kappa="mle", kmeans_iters=2)  # -e0: nobody's nearest
     mix.fit(X, torch.arange(N), N)
     assert mix.centroids.shape[0] == 3 and len(mix.counts) == 3 and len(mix.kappa) == 3
     assert mix.counts.tolist() == [200, 200, 200]
@@ -543,13 +546,13 @@ def test_state_dict_round_trip(twenty_clusters):
     X, drift = twenty_clusters
     N = len(X)
     idx = torch.arange(N)
-    mix = VMFMixture(16, 20, kappa_mode="pca", pca_dim=12, seed=0).fit(X, idx, N)
-    mix.merge(1.0)
+    mix = VMFMixture(16, 20, kappa="pca", pca_dim=12, seed=0).fit(X, idx, N)
+    mix.merge(merge_lambda=1.0)
     mix.k_history.append(int(mix.centroids.shape[0]))
     buf = io.BytesIO()
     torch.save({"mixture": mix.state_dict()}, buf)
     buf.seek(0)
-    back = VMFMixture(16, 20, kappa_mode="pca", pca_dim=12, seed=0)
+    back = VMFMixture(16, 20, kappa="pca", pca_dim=12, seed=0)
     back.load_state_dict(torch.load(buf)["mixture"])         # weights_only load works
     for name in ("centroids", "counts", "kappa"):
         assert torch.equal(getattr(back, name), getattr(mix, name))
@@ -564,7 +567,7 @@ def test_assign_nearest_centroids_and_weights():
     pytest.importorskip("loss")
     g = torch.Generator().manual_seed(0)
     C = unit(torch.randn(10, 8, generator=g))
-    mix = with_state(8, C, counts=list(range(1, 11)), kappa=torch.linspace(1, 3, 10).tolist())
+    mix = with_state(8, C, counts=list(range(1, 11)), kappas=torch.linspace(1, 3, 10).tolist())
     z = unit(torch.randn(100, 8, generator=g))
     nbr, w = mix.assign(z, s=3, tau=0.5)
     sims = z @ mix.centroids.T
@@ -604,7 +607,7 @@ def test_error_nan_features():
 
 def test_error_dim_mismatch_with_saved_state():
     X = unit(torch.randn(60, 16))
-    saved = VMFMixture(16, 4, kappa_mode="mle").fit(X, torch.arange(60), 60).state_dict()
+    saved = VMFMixture(16, 4, kappa="mle").fit(X, torch.arange(60), 60).state_dict()
     with pytest.raises(ValueError) as e:
         VMFMixture(32, 4).load_state_dict(saved)
     msg = one_line(e)
@@ -627,7 +630,7 @@ def test_error_index_outside_the_data_set():
 
 def test_error_unknown_kappa_mode():
     with pytest.raises(ValueError, match="pca, mle or const"):
-        VMFMixture(8, 4, kappa_mode="median")
+        VMFMixture(8, 4, kappa="median")
 
 
 # ---------------------------------------------------------------------------- DDP (gloo)
@@ -639,15 +642,17 @@ WORKER = textwrap.dedent("""
 
     def run(X, X2, idx, N):
         out = {{}}
-        m = VMFMixture(X.shape[1], 12, kappa_mode="pca", pca_dim=8, init_iters=30, iters=5, seed=0)
+        m = VMFMixture(X.shape[1], 12, kappa="pca", pca_dim=8, init_iters=30, kmeans_iters=5, seed=0)
         m.fit(X, idx, N)
         out["fit1"] = [m.centroids.clone(), m.counts.clone(), m.kappa.clone(), m.objective, m.n_iter]
         m.fit(X2, idx, N)                                    # warm start on the next epoch's features
         out["fit2"] = [m.centroids.clone(), m.counts.clone(), m.kappa.clone(), m.objective, m.n_iter]
-        out["merge"] = list(m.merge(1.0)) + [m.centroids.clone(), m.counts.clone(), m.kappa.clone()]
+        merged, info = m.merge(merge_lambda=1.0)
+        out["merge"] = [merged, info["merge_threshold"], m.centroids.clone(), m.counts.clone(), m.kappa.clone()]
         out["assign"] = list(m.assign(X2, s=3, tau=0.2)) + [idx]
-        out["table"] = list(m.assignment_table(X2, idx, N, s=3, tau=0.2))   # every row, on every rank
-        r = VMFMixture(X.shape[1], 12, kappa_mode="mle", reinit=True, nredo=2, init_iters=10, seed=0)
+        t = m.assignment_table(X2, idx, N, s=3, tau=0.2)     # every row, on every rank
+        out["table"] = [t.nbr, t.w]
+        r = VMFMixture(X.shape[1], 12, kappa="mle", reinit_centroids=True, nredo=2, init_iters=10, seed=0)
         r.fit(X, idx, N)
         out["reinit"] = [r.centroids.clone(), r.counts.clone(), r.kappa.clone(), r.objective]
         return out
@@ -729,10 +734,10 @@ def test_torch_search_equals_faiss():
     g = torch.Generator().manual_seed(0)
     q = unit(torch.randn(1000, 32, generator=g)).numpy()
     db = unit(torch.randn(300, 32, generator=g)).numpy()
-    s1, i1 = cluster.knn_search(q, db, 5)                                    # Faiss, CPU
-    s2, i2 = cluster.torch_search(q, db, 5, torch.device("cpu"), budget=300 * 64)   # 16 chunks
+    s1, i1 = search.knn_search(q, db, 5)                                    # Faiss, CPU
+    s2, i2 = search.torch_search(q, db, 5, torch.device("cpu"), budget=300 * 64)   # 16 chunks
     assert s2.dtype == np.float32 and i2.dtype == np.int64 and i2.shape == (1000, 5)
     assert (i1 == i2).all()
     np.testing.assert_allclose(s1, s2, atol=1e-5)
-    empty = cluster.torch_search(q[:0], db, 3, torch.device("cpu"))
+    empty = search.torch_search(q[:0], db, 3, torch.device("cpu"))
     assert empty[0].shape == (0, 3) and empty[1].shape == (0, 3)

@@ -3,6 +3,7 @@ subsets, and an end-to-end run on a tiny checkpoint whose every output file is o
 CPU only, well under a minute in all."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import report  # noqa: E402
 import utils  # noqa: E402
 from cluster import VMFMixture  # noqa: E402
 from conftest import HAVE_FMNIST, needs_fmnist  # noqa: E402
-from model import SiamMM  # noqa: E402
+from model import ModelConfig  # noqa: E402
 
 
 
@@ -176,7 +177,7 @@ def eval_args(*extra):
 def test_frozen_backbone_check_can_fail():
     """MoCo v3's sanity check: extraction (eval mode) leaves every tensor, BN running
     statistics included, bit-identical; a train-mode forward changes them and is caught."""
-    model = SiamMM("resnet18", small_stem=True, in_chans=1, proj_hidden=32, pred_hidden=32, dim=16)
+    model = ModelConfig("resnet18", small_stem=True, in_chans=1, proj_hidden=32, pred_hidden=32, dim=16).build()
     bb = model.backbone
     digest = utils.state_digest(bb)
     x = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)          # as the loaders send images
@@ -193,7 +194,7 @@ def test_frozen_backbone_check_can_fail():
 def test_feature_store_is_half_precision_and_its_size_is_what_it_says():
     """N rows of F-d features take N x F x 2 bytes (half of float32), the embeddings N x D x
     2, the raw pixels N x P x 1: Split.nbytes() is the memory evaluate.py holds for a split."""
-    model = SiamMM("resnet18", small_stem=True, in_chans=1, proj_hidden=32, pred_hidden=32, dim=16).eval()
+    model = ModelConfig("resnet18", small_stem=True, in_chans=1, proj_hidden=32, pred_hidden=32, dim=16).build().eval()
     x = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
     split = ev.extract([(x[i], i % 2, i) for i in range(10)], model.backbone, model.embed, eval_args("--batch-size", "4"))
     assert split.feats.dtype == torch.float16 and split.emb.dtype == torch.float16 and split.raw.dtype == torch.uint8
@@ -286,17 +287,20 @@ def tiny_run(tmp_path_factory):
     targs = dict(data="fashion-mnist", data_dir="", arch="resnet18", small_stem=True, width=16, img_size=8, subset=300,
                  proj_hidden=32, pred_hidden=32, dim=16, seed=0, num_clusters=12, crop_min=0.2,
                  feature_bn="batch")   # embed()'s default below, as train.py's feature pass
-    model = SiamMM("resnet18", True, 1, 32, 32, 16, width=16).eval()   # the CPU preset's narrow ResNet
+    cfg = ModelConfig("resnet18", True, 1, 16, 32, 32, 16)               # the CPU preset's narrow ResNet
+    model = cfg.build().eval()
     ds = data.subset(data.load_dataset("fashion-mnist", "", "train", data.eval_transform("fashion-mnist", 8)), 300, 0)
     z = torch.cat([model.embed(data.to_input(x, "fashion-mnist", torch.device("cpu")))
                    for x, _, _ in torch.utils.data.DataLoader(ds, batch_size=150)])
-    mix = VMFMixture(16, 12, kappa_mode="mle", init_iters=5)
+    mix = VMFMixture(16, 12, kappa="mle", init_iters=5)
     mix.fit(z, torch.arange(len(z)), len(z))
     mix.k_history = [12, int(mix.centroids.shape[0])]
-    state = model.state_dict() | {"predictor.3.bias": torch.zeros(16)}   # a head of an older model.py: unused
-    torch.save({"model": state, "mixture": mix.state_dict(), "epoch": 2, "args": targs}, d / "checkpoint.pth")
+    state = model.state_dict() | {"predictor.3.bias": torch.zeros(16)}   # a predictor of another shape: unused
+    shape = dataclasses.asdict(cfg)
+    torch.save({"model": state, "model_config": shape, "mixture": mix.state_dict(), "epoch": 2, "args": targs},
+               d / "checkpoint.pth")
     torch.save({"model": {k: v for k, v in state.items() if not k.startswith("momentum_projector.")},
-                "mixture": None, "epoch": 2, "args": targs}, d / "headless.pth")
+                "model_config": shape, "mixture": None, "epoch": 2, "args": targs}, d / "headless.pth")
     (d / "log.jsonl").write_text(json.dumps({"epoch": 1, "K": 12}) + "\n" + json.dumps({"epoch": 2, "K": 11}) + "\n")
     torch.save(model.export_backbone(), d / "backbone.pth")
     return d

@@ -2,6 +2,7 @@
 semi-supervised fine-tuning): the label subsets, and the protocols end to end on a real
 class-sorted image folder, on 1 and 2 gloo processes, stopped and resumed."""
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import data
 import lincls
 import utils
 from conftest import needs_fmnist, torchrun
-from model import SiamMM
+from model import ModelConfig
 
 
 
@@ -83,10 +84,12 @@ def pretrained(tmp_path_factory, sorted_folder):
     """A train.py-format checkpoint of an untrained narrow resnet18 for 3-channel 16 px images."""
     d = tmp_path_factory.mktemp("pre")
     torch.manual_seed(0)
-    model = SiamMM("resnet18", True, 3, 32, 32, 16, width=8)
+    cfg = ModelConfig("resnet18", True, 3, 8, 32, 32, 16)
+    model = cfg.build()
     targs = dict(data="folder", data_dir=sorted_folder, arch="resnet18", small_stem=True, width=8, img_size=16,
                  proj_hidden=32, pred_hidden=32, dim=16, crop_min=0.2, feature_bn="batch")
-    torch.save({"model": model.state_dict(), "mixture": None, "epoch": 1, "args": targs}, d / "checkpoint.pth")
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(cfg), "mixture": None, "epoch": 1,
+                "args": targs}, d / "checkpoint.pth")
     return d / "checkpoint.pth"
 
 

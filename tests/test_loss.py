@@ -12,11 +12,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cluster import assignment_weights  # noqa: E402  (eq. 10, the E-step's weights)
+from cluster import Assignment, assignment_weights  # noqa: E402  (eq. 10, the E-step's weights)
 from loss import (cluster_loss, cluster_loss_neg_centroids,  # noqa: E402
                   cluster_loss_neg_instances, infonce_loss, instance_loss, siammm_loss)
 
 DT = torch.float64
+
+
+def A(mu, kappa, nbr, w=None):
+    """A batch's cluster.Assignment: centroids, kappa, nbr, w."""
+    return Assignment(mu, kappa, torch.as_tensor(nbr), w)
 
 
 # ---------------------------------------------------------------- independent helpers
@@ -171,21 +176,21 @@ def test_assignment_weights_log_prior():
 
 def test_cluster_loss_hand_computed():
     w = ref_weights(Z, MU, KAPPA, NBR, 0.7)
-    got = cluster_loss(T(Q), T(MU), T(KAPPA), torch.tensor(NBR), T(w))
+    got = cluster_loss(T(Q), None, A(T(MU), T(KAPPA), torch.tensor(NBR), T(w)))
     assert got.item() == pytest.approx(ref_cluster(Q, MU, KAPPA, NBR, w), abs=1e-12)
 
 
 def test_cluster_loss_explicit_numbers():
     # one sample, q = mu_0, N = {0, 1}, w = (0.25, 0.75), kappa = (1, 2), mu_1 . q = 0
     # L = -(0.25 * 1 * 1 + 0.75 * 2 * 0) = -0.25
-    got = cluster_loss(T([[1.0, 0.0, 0.0]]), T(MU), T(KAPPA), torch.tensor([[0, 1]]), T([[0.25, 0.75]]))
+    got = cluster_loss(T([[1.0, 0.0, 0.0]]), None, A(T(MU), T(KAPPA), torch.tensor([[0, 1]]), T([[0.25, 0.75]])))
     assert got.item() == pytest.approx(-0.25, abs=1e-12)
 
 
 def test_cluster_loss_s1_equals_hard_assignment():
     nbr = torch.tensor([[2], [1]])
     w = assignment_weights(T(Z), T(MU), T(KAPPA), nbr, 0.3)
-    got = cluster_loss(T(Q), T(MU), T(KAPPA), nbr, w)
+    got = cluster_loss(T(Q), None, A(T(MU), T(KAPPA), nbr, w))
     hard = -sum(KAPPA[c] * dot(MU[c], Q[i]) for i, c in enumerate([2, 1])) / 2
     assert got.item() == pytest.approx(hard, abs=1e-12)
 
@@ -194,7 +199,7 @@ def test_cluster_loss_gradients():
     q = T(Q, grad=True)
     mu, kap = T(MU, grad=True), T(KAPPA, grad=True)
     w = T(ref_weights(Z, MU, KAPPA, NBR, 0.7), grad=True)
-    cluster_loss(q, mu, kap, torch.tensor(NBR), w).backward()
+    cluster_loss(q, None, A(mu, kap, torch.tensor(NBR), w)).backward()
     assert mu.grad is None and kap.grad is None and w.grad is None   # fixed estimates
     # dL/dq_i = -1/B sum_{k in N_i} w_ik kappa_k mu_k
     B = len(Q)
@@ -216,7 +221,7 @@ def test_siammm_loss_is_inst_plus_weighted_clus(lam):
     q1, q2, k1, k2 = _views()
     nbr = torch.tensor(NBR)
     w = T(ref_weights(Z, MU, KAPPA, NBR, 0.7))
-    total, l_inst, l_clus = siammm_loss(q1, q2, k1, k2, T(MU), T(KAPPA), nbr, w, cluster_weight=lam)
+    total, l_inst, l_clus = siammm_loss(q1, q2, k1, k2, A(T(MU), T(KAPPA), nbr, w), cluster_weight=lam)
     a, b = q1.detach().tolist(), q2.detach().tolist()
     inst = 0.5 * (sum(sqdist(x, y) for x, y in zip(a, k2.tolist())) / 2
                   + sum(sqdist(x, y) for x, y in zip(b, k1.tolist())) / 2)
@@ -231,21 +236,20 @@ def test_siammm_loss_is_inst_plus_weighted_clus(lam):
 def test_siammm_loss_no_instance():
     q1, q2, k1, k2 = _views()
     w = T(ref_weights(Z, MU, KAPPA, NBR, 0.7))
-    total, l_inst, l_clus = siammm_loss(q1, q2, k1, k2, T(MU), T(KAPPA), torch.tensor(NBR), w,
-                                        cluster_weight=0.5, instance="none")
+    total, l_inst, l_clus = siammm_loss(q1, q2, k1, k2, A(T(MU), T(KAPPA), NBR, w), cluster_weight=0.5,
+                                        instance="none")
     assert l_inst.item() == 0.0
-    exp = 0.5 * (cluster_loss(q1, T(MU), T(KAPPA), torch.tensor(NBR), w)
-                 + cluster_loss(q2, T(MU), T(KAPPA), torch.tensor(NBR), w))
+    exp = 0.5 * (cluster_loss(q1, None, A(T(MU), T(KAPPA), torch.tensor(NBR), w))
+                 + cluster_loss(q2, None, A(T(MU), T(KAPPA), torch.tensor(NBR), w)))
     assert total.item() == pytest.approx(0.5 * exp.item(), abs=1e-12)
     total.backward()
     assert q1.grad is not None and q2.grad is not None
 
 
-@pytest.mark.parametrize("kw", [dict(centroids=None), dict(cluster_weight=0.0)])
+@pytest.mark.parametrize("kw", [dict(a=None), dict(cluster_weight=0.0)])
 def test_siammm_loss_instance_only(kw):
     q1, q2, k1, k2 = _views()
-    args = dict(centroids=T(MU), kappa=T(KAPPA), nbr=torch.tensor(NBR),
-                w=T(ref_weights(Z, MU, KAPPA, NBR, 0.7)))
+    args = dict(a=A(T(MU), T(KAPPA), NBR, T(ref_weights(Z, MU, KAPPA, NBR, 0.7))))
     args.update(kw)
     total, l_inst, l_clus = siammm_loss(q1, q2, k1, k2, **args)
     assert l_clus.item() == 0.0
@@ -254,27 +258,25 @@ def test_siammm_loss_instance_only(kw):
 
 def test_siammm_loss_variants_dispatch():
     q1, q2, k1, k2 = _views()
-    mu, kap, nbr = T(MU), T(KAPPA), torch.tensor(NBR)
+    a = A(T(MU), T(KAPPA), NBR)
     total, l_inst, _ = siammm_loss(q1, q2, k1, k2, instance="infonce", infonce_t=0.5)
-    assert l_inst.item() == pytest.approx(infonce_loss(q1, q2, k1, k2, 0.5).item(), abs=1e-12)
-    _, _, l_clus = siammm_loss(q1, q2, k1, k2, mu, kap, nbr, None, cluster="neg-centroids", neg_t=0.3)
-    exp = 0.5 * (cluster_loss_neg_centroids(q1, mu, kap, nbr, 16000, 0.3)
-                 + cluster_loss_neg_centroids(q2, mu, kap, nbr, 16000, 0.3))
+    assert l_inst.item() == pytest.approx(infonce_loss(q1, q2, k1, k2, infonce_t=0.5).item(), abs=1e-12)
+    _, _, l_clus = siammm_loss(q1, q2, k1, k2, a, cluster="neg-centroids", neg_t=0.3)
+    exp = 0.5 * (cluster_loss_neg_centroids(q1, k2, a, 16000, 0.3) + cluster_loss_neg_centroids(q2, k1, a, 16000, 0.3))
     assert l_clus.item() == pytest.approx(exp.item(), abs=1e-12)
-    _, _, l_clus = siammm_loss(q1, q2, k1, k2, mu, kap, nbr, None, cluster="neg-instances", neg_t=0.3)
+    _, _, l_clus = siammm_loss(q1, q2, k1, k2, a, cluster="neg-instances", neg_t=0.3)
     # each view's prediction against the other view's keys (as eq. 12 pairs q1 with k2)
-    exp = 0.5 * (cluster_loss_neg_instances(q1, k2, mu, kap, nbr, 0.3)
-                 + cluster_loss_neg_instances(q2, k1, mu, kap, nbr, 0.3))
+    exp = 0.5 * (cluster_loss_neg_instances(q1, k2, a, neg_t=0.3) + cluster_loss_neg_instances(q2, k1, a, neg_t=0.3))
     assert l_clus.item() == pytest.approx(exp.item(), abs=1e-12)
 
 
 def test_siammm_loss_bad_names():
     q1, q2, k1, k2 = _views()
     w = T(ref_weights(Z, MU, KAPPA, NBR, 0.7))
-    with pytest.raises(ValueError):
+    with pytest.raises(KeyError):                      # the flags' choices are the tables' keys
         siammm_loss(q1, q2, k1, k2, instance="simclr")
-    with pytest.raises(ValueError):
-        siammm_loss(q1, q2, k1, k2, T(MU), T(KAPPA), torch.tensor(NBR), w, cluster="swav")
+    with pytest.raises(KeyError):
+        siammm_loss(q1, q2, k1, k2, A(T(MU), T(KAPPA), NBR, w), cluster="swav")
 
 
 # ---------------------------------------------------------------- InfoNCE (Table 4)
@@ -296,7 +298,7 @@ def test_infonce_hand_computed(temp):
         return 2 * temp * sum(losses) / len(losses)
 
     exp = 0.5 * (ctr(q1, k2) + ctr(q2, k1))
-    got = infonce_loss(T(q1), T(q2), T(k1), T(k2), temperature=temp)
+    got = infonce_loss(T(q1), T(q2), T(k1), T(k2), infonce_t=temp)
     assert got.item() == pytest.approx(exp, abs=1e-12)
 
 
@@ -307,7 +309,7 @@ def main(rank, world):
     g = torch.Generator().manual_seed(0)                     # the same joint batch on every rank
     q1, q2, k1, k2 = (torch.nn.functional.normalize(torch.randn(world * 4, 8, generator=g), dim=1) for _ in range(4))
     mine = slice(4 * rank, 4 * rank + 4)
-    return float(infonce_loss(q1[mine], q2[mine], k1[mine], k2[mine], temperature=0.5))
+    return float(infonce_loss(q1[mine], q2[mine], k1[mine], k2[mine], infonce_t=0.5))
 """
 
 
@@ -319,7 +321,7 @@ def test_infonce_on_two_ranks_is_one_process_on_the_joint_batch(tmp_path):
     per_rank = gloo_ranks(tmp_path, INFONCE_RANKS)
     g = torch.Generator().manual_seed(0)
     q1, q2, k1, k2 = (torch.nn.functional.normalize(torch.randn(8, 8, generator=g), dim=1) for _ in range(4))
-    joint = float(infonce_loss(q1, q2, k1, k2, temperature=0.5))
+    joint = float(infonce_loss(q1, q2, k1, k2, infonce_t=0.5))
     assert sum(per_rank) / 2 == pytest.approx(joint, rel=1e-6)
     assert per_rank[0] != pytest.approx(per_rank[1])          # two different halves, two different losses
 
@@ -328,7 +330,7 @@ def test_infonce_default_temperature_is_one_and_no_grad_into_k():
     q1, q2, k1, k2 = _views()
     k1.requires_grad_(), k2.requires_grad_()
     a = infonce_loss(q1, q2, k1, k2)
-    b = infonce_loss(q1, q2, k1, k2, temperature=1.0)
+    b = infonce_loss(q1, q2, k1, k2, infonce_t=1.0)
     assert a.item() == b.item()
     a.backward()
     assert k1.grad is None and k2.grad is None
@@ -349,7 +351,7 @@ def ref_neg_centroids(q, mu, kappa, pos, temp):
 def test_neg_centroids_hand_computed():
     temp = 0.2
     nbr = torch.tensor([[0], [3]])
-    got = cluster_loss_neg_centroids(T(Q), T(MU), T(KAPPA), nbr, num_neg=100, temperature=temp)
+    got = cluster_loss_neg_centroids(T(Q), None, A(T(MU), T(KAPPA), nbr), num_neg=100, neg_t=temp)
     exp = ref_neg_centroids(Q, MU, KAPPA, [0, 3], temp)
     assert got.item() == pytest.approx(exp, abs=1e-10)
     # the positive is excluded from the negatives: counting it there too gives another number
@@ -359,7 +361,7 @@ def test_neg_centroids_hand_computed():
     assert abs(with_pos - exp) > 1e-3
     # with s > 1 only the first neighbour is the positive
     nbr3 = torch.tensor([[0, 2, 1], [3, 1, 2]])
-    got3 = cluster_loss_neg_centroids(T(Q), T(MU), T(KAPPA), nbr3, num_neg=100, temperature=temp)
+    got3 = cluster_loss_neg_centroids(T(Q), None, A(T(MU), T(KAPPA), nbr3), num_neg=100, neg_t=temp)
     assert got3.item() == pytest.approx(exp, abs=1e-10)
 
 
@@ -376,7 +378,7 @@ def test_neg_centroids_subsampled_negatives():
                                     + [KAPPA[j] * dot(MU[j], Q[i]) / temp for j in neg if j != p])
                    for i, p in enumerate(pos)) / 2
         torch.manual_seed(seed)
-        got = cluster_loss_neg_centroids(T(Q), T(MU), T(KAPPA), nbr, num_neg=2, temperature=temp).item()
+        got = cluster_loss_neg_centroids(T(Q), None, A(T(MU), T(KAPPA), nbr), num_neg=2, neg_t=temp).item()
         assert got == pytest.approx(want, abs=1e-10), seed
         seen.add(round(got, 8))
     assert len(seen) > 2 and all(abs(v - full) > 1e-6 for v in seen)   # subsets, not all the negatives
@@ -384,11 +386,11 @@ def test_neg_centroids_subsampled_negatives():
 
 def test_neg_centroids_gradients_and_single_cluster():
     q, mu, kap = T(Q, grad=True), T(MU, grad=True), T(KAPPA, grad=True)
-    cluster_loss_neg_centroids(q, mu, kap, torch.tensor([[0], [3]]), temperature=0.2).backward()
+    cluster_loss_neg_centroids(q, None, A(mu, kap, [[0], [3]]), neg_t=0.2).backward()
     assert mu.grad is None and kap.grad is None and torch.isfinite(q.grad).all()
     # K = 1: no negatives at all, the loss is 0 (and not NaN)
     q = T(Q, grad=True)
-    l = cluster_loss_neg_centroids(q, T(MU[:1]), T(KAPPA[:1]), torch.tensor([[0], [0]]))
+    l = cluster_loss_neg_centroids(q, None, A(T(MU[:1]), T(KAPPA[:1]), [[0], [0]]))
     l.backward()
     assert l.item() == pytest.approx(0.0, abs=1e-12) and torch.isfinite(q.grad).all()
 
@@ -410,7 +412,7 @@ def test_neg_instances_hand_computed():
     k = [unit(0.6, 0.3, -0.2), unit(-0.1, 0.8, 0.5), unit(0.4, 0.6, 0.4), unit(0.2, -0.2, 1.0)]
     pos = [0, 1, 0, 3]
     nbr = torch.tensor([[c, 2] for c in pos])      # only the first neighbour counts
-    got = cluster_loss_neg_instances(T(q), T(k), T(MU), T(KAPPA), nbr, temperature=temp)
+    got = cluster_loss_neg_instances(T(q), T(k), A(T(MU), T(KAPPA), nbr), neg_t=temp)
     exp = ref_neg_instances(q, k, MU, KAPPA, pos, temp)
     assert got.item() == pytest.approx(exp, abs=1e-10)
     # same-cluster instances (and the sample itself) are excluded: with them it differs
@@ -423,23 +425,22 @@ def test_neg_instances_hand_computed():
 def test_neg_instances_gradients_and_one_cluster():
     q, k = T(Q, grad=True), T(Z, grad=True)
     mu, kap = T(MU, grad=True), T(KAPPA, grad=True)
-    cluster_loss_neg_instances(q, k, mu, kap, torch.tensor([[0], [1]])).backward()
+    cluster_loss_neg_instances(q, k, A(mu, kap, [[0], [1]])).backward()
     assert k.grad is None and mu.grad is None and kap.grad is None
     assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
     # whole batch in one cluster: no negatives, loss 0, gradients finite
     q = T(Q, grad=True)
-    l = cluster_loss_neg_instances(q, T(Z), T(MU), T(KAPPA), torch.tensor([[1], [1]]))
+    l = cluster_loss_neg_instances(q, T(Z), A(T(MU), T(KAPPA), [[1], [1]]))
     l.backward()
     assert l.item() == pytest.approx(0.0, abs=1e-12) and torch.isfinite(q.grad).all()
 
 
-@pytest.mark.parametrize("kw", [dict(centroids=None), dict(cluster_weight=0.0)])
+@pytest.mark.parametrize("kw", [dict(a=None), dict(cluster_weight=0.0)])
 def test_siammm_loss_nothing_to_train_raises(kw):
     # instance="none" with no cluster term has no gradient at all: a clear ValueError rather
     # than autograd's "element 0 of tensors does not require grad" at backward()
     q1, q2, k1, k2 = _views()
-    args = dict(centroids=T(MU), kappa=T(KAPPA), nbr=torch.tensor(NBR),
-                w=T(ref_weights(Z, MU, KAPPA, NBR, 0.7)), instance="none")
+    args = dict(a=A(T(MU), T(KAPPA), NBR, T(ref_weights(Z, MU, KAPPA, NBR, 0.7))), instance="none")
     args.update(kw)
     with pytest.raises(ValueError):
         siammm_loss(q1, q2, k1, k2, **args)

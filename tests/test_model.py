@@ -18,7 +18,8 @@ import torchvision
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import model  # noqa: E402
-from model import SiamMM, build_backbone, mlp, momentum_at  # noqa: E402
+from model import ModelConfig, build_backbone, mlp  # noqa: E402
+from utils import cosine_schedule  # noqa: E402
 
 DIM, HID = 16, 32
 
@@ -45,7 +46,7 @@ def small_model(**kw):
     key = tuple(sorted(args.items()))
     if key not in _BUILT:
         torch.manual_seed(0)
-        _BUILT[key] = SiamMM(**args)
+        _BUILT[key] = ModelConfig(**args).build()
     return copy.deepcopy(_BUILT[key])
 
 
@@ -85,10 +86,28 @@ def test_siammm_backbones_match_torchvision_count():
     assert m.feat_dim == 512
 
 
-def test_unknown_arch_raises():
-    for arch in ("resnet_does_not_exist", "vgg16", "vit_b_16"):
-        with pytest.raises(ValueError):
-            build_backbone(arch)
+def test_unknown_arch_and_resnet_options_elsewhere_raise():
+    with pytest.raises(ValueError, match="unknown --arch"):
+        build_backbone("resnet_does_not_exist")
+    for kw in (dict(small_stem=True), dict(width=32), dict(in_chans=1)):   # ResNet options on another network
+        with pytest.raises(ValueError, match="options of the ResNets"):
+            build_backbone("mobilenet_v3_small", **kw)
+
+
+def test_any_torchvision_classifier_is_a_backbone_and_gets_a_classifier_where_it_had_one():
+    """Another backbone is a flag: a torchvision network loses its classifier (its last
+    Linear), reports that layer's input width, and records where it was (lincls.py puts its
+    own there); the SiamMM heads take the width."""
+    ref = torchvision.models.mobilenet_v3_small(weights=None)
+    net, dim = build_backbone("mobilenet_v3_small")
+    assert net.classifier_path == "classifier.3" and dim == ref.classifier[3].in_features == 1024
+    assert isinstance(net.classifier[3], nn.Identity)
+    net.eval()
+    with torch.no_grad():
+        assert net(images(2, 3, 32)).shape == (2, dim)
+    m = ModelConfig("mobilenet_v3_small", proj_hidden=HID, pred_hidden=HID, dim=DIM).build()
+    assert m.feat_dim == 1024 and m.projector[0].in_features == 1024
+    assert build_backbone("resnet18")[0].classifier_path == "fc"
 
 
 def test_export_backbone_loads_into_torchvision():
@@ -341,6 +360,10 @@ def test_update_momentum_leaves_predictor_alone():
 
 
 def test_momentum_schedule():
+    """MoCo v3 / BYOL: m(t) = 1 - (1 - m0)(1 + cos(pi t / T)) / 2, from m0 to 1 (the shared
+    cosine schedule, with final = 1 and no warm-up, as train.py calls it)."""
+    def momentum_at(t, T, m0):
+        return cosine_schedule(t, T, m0, final=1.0)
     m0, T = 0.99, 100
     assert momentum_at(0, T, m0) == pytest.approx(m0, abs=1e-15)
     assert momentum_at(T, T, m0) == pytest.approx(1.0, abs=1e-15)

@@ -14,14 +14,14 @@ import evaluate as ev
 import train
 import utils
 from conftest import needs_fmnist, torchrun, write_class_folder
-from model import SiamMM
+from model import ModelConfig
 
 CPU = torch.device("cpu")
 
 
 def pass_args(**kw):
     """The flags data.feature_loader / train.feature_pass read, for one process."""
-    return types.SimpleNamespace(**(dict(feature_batch_size=40, rank=0, world_size=1, seed=0, workers=0, dev=CPU,
+    return types.SimpleNamespace(**(dict(feature_batch_size=40, rank=0, world_size=1, seed=0, workers=0, device=CPU,
                                          master=False, data="folder", amp="none", feature_bn="batch",
                                          local_group=None, dim=16) | kw))
 
@@ -48,7 +48,7 @@ def test_feature_pass_embeddings_do_not_depend_on_the_file_order(sorted_folder):
     set's, not one class's. Consecutive class-sorted batches of 40 give a mean cosine of 0.72
     here, the permuted cut 0.91."""
     torch.manual_seed(0)
-    model = SiamMM("resnet18", True, 3, 32, 32, 16, width=16).eval()
+    model = ModelConfig("resnet18", True, 3, 16, 32, 32, 16).build().eval()
     ds = data.load_dataset("folder", sorted_folder, "train", data.eval_transform("folder", 16))
     args = pass_args()
     z, idx = train.feature_pass(model, data.feature_loader(ds, args.feature_batch_size, args), args)
@@ -65,7 +65,7 @@ def test_evaluate_embeds_like_the_feature_pass_and_keeps_the_data_set_order(sort
     pass: with the same batch size and seed they are the training's z exactly, and features
     and labels come back in the data set's order."""
     torch.manual_seed(0)
-    model = SiamMM("resnet18", True, 3, 32, 32, 16, width=16).eval()
+    model = ModelConfig("resnet18", True, 3, 16, 32, 32, 16).build().eval()
     ds = data.load_dataset("folder", sorted_folder, "train", data.eval_transform("folder", 16))
     args = pass_args()
     z, idx = train.feature_pass(model, data.feature_loader(ds, args.feature_batch_size, args), args)

@@ -187,9 +187,9 @@ def test_lars_matches_hand_computed_steps_and_leaves_1d_parameters_alone():
 def test_sgd_decays_matrices_only_and_scales_the_lr_by_the_batch():
     """SimSiam's SGD for small batches: weight decay on conv and linear weights only, never on
     BN parameters and biases (as LARS); lr = --lr x batch / 256."""
-    from model import SiamMM
+    from model import ModelConfig
     args = train.get_args(["--lr", "0.1", "--batch-size", "64", "--weight-decay", "0.5"])
-    model = SiamMM("resnet18", True, 1, 32, 32, 16, width=8)
+    model = ModelConfig("resnet18", True, 1, 8, 32, 32, 16).build()
     opt = train.build_optimizer(model.online_parameters(), args)
     assert all(g["lr"] == pytest.approx(0.1 * 64 / 256) for g in opt.param_groups)
     held = sorted(id(p) for g in opt.param_groups for p in g["params"])
@@ -265,11 +265,12 @@ def test_incompatible_resume(tmp_path, capsys):
     msg = error_line(capsys, TINY + ["--out-dir", out, "--resume", "auto", "--width", "8"])
     assert "--width 16" in msg                                  # the CPU preset's width, saved in the checkpoint
     assert "--width 0" in error_line(capsys, TINY + ["--out-dir", str(tmp_path / "w0"), "--width", "0"])
-    # a checkpoint from before --width existed holds no width: it was torchvision's 64
+    # the channels come from the data: a grayscale model does not resume on RGB images
     ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)
-    del ckpt["args"]["width"]
+    assert ckpt["model_config"]["in_chans"] == 1
+    ckpt["model_config"]["in_chans"] = 3
     torch.save(ckpt, os.path.join(out, "checkpoint.pth"))
-    assert "--width 64, this run has 16" in error_line(capsys, TINY + ["--out-dir", out, "--resume", "auto"])
+    assert "--data (its channels) 3, this run has 1" in error_line(capsys, TINY + ["--out-dir", out, "--resume", "auto"])
 
 
 def test_resume_notes_every_changed_training_flag(tmp_path, capsys):
@@ -402,12 +403,14 @@ def test_fp16_resume_from_a_checkpoint_without_scaler_state():
     """A bf16, fp32 or CPU run saves an empty GradScaler state; resuming it with --amp fp16
     (an enabled scaler) used to raise "The source state dict is empty"."""
     from cluster import VMFMixture
-    from model import SiamMM
+    import dataclasses
     args = train.get_args(TINY)
-    args.rank, args.master, args.dev = 0, False, torch.device("cpu")
-    model = SiamMM("resnet18", True, 1, 32, 32, 16, width=16)
+    args.rank, args.master, args.device = 0, False, torch.device("cpu")
+    cfg = train.model_config(args)
+    model = cfg.build()
     opt = train.build_optimizer(model.online_parameters(), args)
-    ckpt = {"args": vars(args) | {"width": 16}, "model": model.state_dict(), "optimizer": opt.state_dict(),
+    ckpt = {"args": vars(args), "model_config": dataclasses.asdict(cfg), "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
             "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "mixture": None, "epoch": 3,
             "rng": [utils.rng_state(torch.device("cpu"))]}
     assert ckpt["scaler"] == {}
