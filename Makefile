@@ -4,7 +4,7 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN      = $(VENV)/bin
-RUN     ?= runs/siammm
+RUN     ?= runs/cpu
 FMNIST   = /usr/share/datasets/fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -28,7 +28,7 @@ data:
 setup: $(VENV)/.installed data
 
 demo: setup
-	$(BIN)/python train.py --out-dir $(RUN) --resume auto
+	$(BIN)/python train.py --out-dir $(RUN)
 	$(BIN)/python evaluate.py --checkpoint $(RUN)/checkpoint.pth
 
 test: setup

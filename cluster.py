@@ -10,16 +10,27 @@ then the mixture that runs them:
     kappa_pca             eq. 16   eq. 7 in the top d' principal directions
     assignment_weights    eq. 10   soft weights over each sample's s nearest centroids
     merge_pairs_eq11      eq. 11   merge j, k if d_jk < E[d] - lambda sigma[d] (sec. 4.2)
-    VMFMixture.fit                 spherical k-means warm-started from last epoch (sec. 4.3)
+    merge_pairs_bic                merge j, k if one vMF explains them as well as two (BIC,
+                                   from eq. 3, 4, 7 and the M-step's n_k, rbar_k)
+    merge_pairs_views              bic, or centroids closer than two views of one image
+    VMFMixture.fit                 spherical k-means warm-started from last epoch (sec. 4.3),
+                                   with optional birth (split) moves
     VMFMixture.merge               merges the pairs a rule in MERGE_RULES picks
+
+No merge rule is free of a choice. Eq. 11's lambda is tuned per data set (sec. 5.1) and
+over-merges as the true K grows; the BIC rule needs none and finds the K of fixed features
+of known K (bench/bench_kstop.py), but in training the cluster loss (eq. 9) makes every
+cluster compact and the test keeps far more clusters than classes. bench/RESULTS.md,
+"Where K stops", has the numbers; eq. 11 stays the default.
 
 The vMF density on the unit sphere in D dimensions and the mixture (sec. 3.3):
     Eq. 2:  p(z) = sum_k pi_k f(z | mu_k, kappa_k), pi_k the prior of cluster k;
     Eq. 3:  f(z | mu, kappa) = C_D(kappa) exp(kappa mu.z);
     Eq. 4:  C_D(kappa) = kappa^(D/2 - 1) / ((2 pi)^(D/2) I_(D/2 - 1)(kappa)).
-No function evaluates C_D: eq. 9's log-likelihood is taken with mu and kappa fixed, so
+Training never evaluates C_D: eq. 9's log-likelihood is taken with mu and kappa fixed, so
 log C_D(kappa_k) is a constant in the prediction q and drops (loss.cluster_loss), and the
-M-step estimates kappa from the mean resultant length (eq. 7) instead of through C_D.
+M-step estimates kappa from the mean resultant length (eq. 7) instead of through C_D. Only
+the BIC merge rule needs it (vmf_loglik, log_bessel_iv).
 
 Scale (ImageNet: N = 1.28M, D = 256, K0 = 100,000, 8 GPUs) shapes the code:
 - Under torch.distributed every rank passes only its own shard of features. Every M-step
@@ -33,13 +44,15 @@ Scale (ImageNet: N = 1.28M, D = 256, K0 = 100,000, 8 GPUs) shapes the code:
   the centroids (search.close_pairs).
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import search
-from utils import all_reduce, gather_rows
+from utils import all_reduce, distributed, gather_rows
 
 
 # ----------------------------------------------------------------------------- the E and M steps
@@ -153,6 +166,8 @@ def merge_pairs_eq11(mixture, merge_lambda, neighbours=5, **_):
     --merge-lambda). Only close pairs are looked at: each centroid's `neighbours` nearest
     centroids (search.close_pairs). Returns (rows, cols, d) with d the order in which they
     merge (closest first) and what the log records of the rule."""
+    if mixture.centroids.shape[0] < 3:   # one distance: no spread to measure it against
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), {}
     mean_d, std_d = distance_moments(mixture.centroids)
     thresh = mean_d - merge_lambda * std_d
     rows, cols, d = search.close_pairs(mixture.centroids.numpy(), thresh, neighbours, seed=mixture.seed,
@@ -160,11 +175,104 @@ def merge_pairs_eq11(mixture, merge_lambda, neighbours=5, **_):
     return rows, cols, d, {"merge_threshold": thresh}
 
 
+def log_bessel_iv(v, x):
+    """log I_v(x), the modified Bessel function of the first kind in eq. 4, for the orders of
+    embeddings (v = D/2 - 1 >= 3): Debye's uniform asymptotic expansion (Abramowitz and
+    Stegun 9.7.7) with its first correction term, error O(1/v^2). scipy's ive underflows to
+    0 here (I_127(0.1) ~ 1e-330)."""
+    z = x / v
+    sq = torch.sqrt(1 + z * z)
+    t = 1 / sq
+    u1 = t * (3 - 5 * t * t) / 24
+    return v * (sq + torch.log(z / (1 + sq))) - 0.5 * math.log(2 * math.pi * v) - 0.5 * torch.log(sq) + torch.log1p(u1 / v)
+
+
+def vmf_loglik(n, rbar, d):
+    """The log-likelihood of n unit vectors with mean resultant length rbar under the one vMF
+    that fits them best: mu at their mean direction (eq. 6), kappa at eq. 7, so
+        sum_i log f(z_i) = n (log C_d(kappa) + kappa rbar)          (eq. 3, 4),
+    log C_d(kappa) = (d/2 - 1) log kappa - (d/2) log 2 pi - log I_(d/2-1)(kappa)."""
+    rbar = rbar.clamp(1e-3, 1 - 1e-6)
+    kappa = kappa_mle(rbar, d)
+    log_c = (d / 2 - 1) * torch.log(kappa) - d / 2 * math.log(2 * math.pi) - log_bessel_iv(d / 2 - 1, kappa)
+    return n * (log_c + kappa * rbar)
+
+
+def merged_rbar(na, ra, nb, rb, cos):
+    """rbar of the union of two clusters, from their sizes, rbar and the cosine of their mean
+    directions: ||n_a ra mu_a + n_b rb mu_b|| / (n_a + n_b) (the resultant of eq. 5 adds up)."""
+    r2 = (na * ra) ** 2 + (nb * rb) ** 2 + 2 * na * ra * nb * rb * cos
+    return r2.clamp(min=0).sqrt() / (na + nb)
+
+
+def bic_loss(mixture, rows, cols, d):
+    """For candidate pairs (rows, cols) at distance d, the Bayesian information criterion's
+    verdict on merging clusters j and k (Schwarz 1978), below 0 to merge:
+
+        2 [LL_j + LL_k - LL_jk]  -  (2 / pi) n_jk (1 + sqrt(d' / n_jk))^2  -  (d' + 1) log N
+
+    LL is a cluster's maximised log-likelihood (vmf_loglik, from its n and rbar: the M-step's
+    sums), d' + 1 the parameters a component adds (its mean direction on the sphere, d' - 1;
+    kappa; its weight pi), d' the dimension kappa is estimated in (eq. 16's d', or D for eq. 7).
+
+    The middle term is what a hard split gains on ONE component. k-means cuts a component
+    through its mean along its widest axis; each half's mean moves off-axis by sigma sqrt(2/pi),
+    which raises the likelihood by about n / pi whatever kappa and D are (n kappa, the slope of
+    LL in rbar, times the rbar gained, 1 / (pi kappa)). The widest of d' sample axes is wider by
+    (1 + sqrt(d'/n))^2 (the top eigenvalue of a sample covariance). Without it the gain of a
+    split grows as n while BIC's price grows as log N, and a cluster of more than ~1.5 d' log N
+    samples cut in two is never merged back (the same bias makes classification-likelihood
+    BIC over-split; G-means, Hamerly and Elkan 2003, tests a split against one Gaussian the
+    same way)."""
+    dim = mixture.pca_dim if mixture.kappa_mode == "pca" else mixture.dim
+    n, rbar = mixture.counts.double(), mixture.rbar.double()
+    j, k = torch.from_numpy(rows).long(), torch.from_numpy(cols).long()
+    nj, nk = n[j], n[k]
+    joint = merged_rbar(nj, rbar[j], nk, rbar[k], torch.from_numpy(1 - d).double())
+
+    def ll(m, rb):
+        # rbar of m samples overstates the component's: E||r||^2 = m + m (m - 1) rho^2 for
+        # rho = E[mu.z], so (m rbar^2 - 1) / (m - 1) estimates rho^2 without bias (else a
+        # singleton, rbar = 1, is a component of infinite likelihood that nothing merges with)
+        rho = ((m * rb ** 2 - 1).clamp(min=0) / (m - 1).clamp(min=1)).sqrt()
+        return vmf_loglik(m, rho, dim)
+    gain = 2 * (ll(nj, rbar[j]) + ll(nk, rbar[k]) - ll(nj + nk, joint))
+    split = 2 / math.pi * (nj + nk) * (1 + (dim / (nj + nk)).sqrt()) ** 2
+    return (gain - split - (dim + 1) * math.log(float(n.sum()))).numpy()
+
+
+def merge_pairs_bic(mixture, neighbours=5, **_):
+    """The mixture model's own test: merge clusters j and k when one vMF component explains
+    their samples as well as two (bic_loss < 0). Candidates are each centroid's `neighbours`
+    nearest centroids; the pairs that lose the least likelihood merge first. On fixed
+    features of known K it ends at K (bench/bench_kstop.py); in training it keeps more
+    clusters than classes, since the cluster loss makes every cluster compact (eq. 9)."""
+    rows, cols, d = search.close_pairs(mixture.centroids.numpy(), 2.5, neighbours, seed=mixture.seed,
+                                       device=mixture.device)
+    score = bic_loss(mixture, rows, cols, d)
+    ok = score < 0
+    return rows[ok], cols[ok], score[ok], {"merge_candidates": int(ok.sum())}
+
+
+def merge_pairs_views(mixture, view_distance=0.0, neighbours=5, **_):
+    """merge_pairs_bic, and every pair of clusters whose centroids lie closer together than
+    two augmented views of one image (d_jk = 1 - mu_j.mu_k < view_distance, the epoch's mean
+    1 - k1.k2 of the momentum embeddings of an image's two views; train.py measures it). The
+    augmentations define what the model is taught to treat as one image, so clusters closer
+    than that are not distinct to it, however compact the cluster loss has made them. The
+    spread of the views shrinks as training goes on, so K may have to grow back: the rule is
+    meant with birth moves (VMFMixture's births). Closest pairs merge first."""
+    rows, cols, d = search.close_pairs(mixture.centroids.numpy(), 2.5, neighbours, seed=mixture.seed,
+                                       device=mixture.device)
+    ok = (bic_loss(mixture, rows, cols, d) < 0) | (d < view_distance)
+    return rows[ok], cols[ok], d[ok], {"merge_candidates": int(ok.sum()), "view_distance": view_distance}
+
+
 # The merge rules --merge-rule chooses from. A rule is called with the mixture and the run's
 # flags (it takes the ones it names) and returns candidate pairs (rows, cols, order: lowest
 # merges first) and a dict for the log; VMFMixture.merge does the rest. A new rule is a
 # function here and its entry in this table.
-MERGE_RULES = {"eq11": merge_pairs_eq11}
+MERGE_RULES = {"eq11": merge_pairs_eq11, "bic": merge_pairs_bic, "views": merge_pairs_views}
 
 
 def greedy_matching(rows, cols, d, n, max_pairs=None):
@@ -221,22 +329,24 @@ class VMFMixture:
     """
 
     def __init__(self, dim, num_clusters, *, kappa="pca", pca_dim=150, init_iters=20, kmeans_iters=3, tol=1e-4,
-                 reinit_centroids=False, nredo=5, kappa_clip=10.0, seed=0, device=None):
+                 reinit_centroids=False, nredo=5, kappa_clip=10.0, births=0.0, seed=0, device=None):
         if kappa not in ("pca", "mle", "const"):
             raise ValueError(f"unknown --kappa {kappa!r}: pca, mle or const")
         self.dim, self.num_clusters = dim, num_clusters
         self.kappa_mode, self.pca_dim = kappa, min(pca_dim, dim)
         self.init_iters, self.kmeans_iters, self.tol = init_iters, kmeans_iters, tol
         self.reinit_centroids, self.nredo, self.kappa_clip, self.seed = reinit_centroids, nredo, kappa_clip, seed
-        self.device = device
+        self.births, self.device = births, device
         self.centroids = None                      # K x D float32, unit rows
         self.counts = None                         # K, int64
         self.kappa = None                          # K, float32 (raw estimate)
+        self.rbar = None                           # K, float64: mean resultant length (eq. 7's rbar)
         self.objective = float("nan")              # mean cosine of samples to their centroid
         self.k_history = []                        # K after each epoch's fit and merge
         self.n_iter = 0                            # Lloyd iterations of the last fit
         self.fits = 0                              # how many times fit() ran (seeds the inits)
         self.dropped = 0                           # empty clusters dropped by the last fit
+        self.born = 0                              # clusters seeded by the last fit (births)
 
     # ------------------------------------------------------------------ E/M steps (sec. 4.3)
     @torch.no_grad()
@@ -264,13 +374,17 @@ class VMFMixture:
                     best = out
             centroids, r, n, obj, it = best
         else:
-            centroids, r, n, obj, it = self._lloyd(feats, self.centroids, self.kmeans_iters, n_total)
+            centroids = self.centroids
+            if self.births > 0:   # split moves: new clusters seeded where the mixture fits worst
+                centroids = torch.cat([centroids, self._seeds(feats, index, centroids, math.ceil(self.births * len(centroids)))])
+            centroids, r, n, obj, it = self._lloyd(feats, centroids, self.kmeans_iters, n_total)
+        self.born = len(centroids) - len(self.centroids) if self.centroids is not None else 0
         self.fits += 1
         keep = n > 0                                   # empty clusters have pi_k = 0: drop them
         self.dropped = int((~keep).sum())              # logged: K also falls this way, not only by merging
         self.centroids, self.counts = centroids[keep].contiguous(), n[keep].long()
         self.objective, self.n_iter = obj / n_total, it
-        self.kappa = self._kappa(feats, r[keep], n[keep], n_total)
+        self.kappa, self.rbar = self._kappa(feats, r[keep], n[keep], n_total)
         return self
 
     def _lloyd(self, feats, centroids, iters, n_total):
@@ -295,6 +409,27 @@ class VMFMixture:
         r, n = cluster_sums(feats, ids, centroids.shape[0])
         obj = torch.tensor([float(sims.astype(np.float64).sum())], dtype=torch.float64)
         return r, n, all_reduce(obj).item()
+
+    def _seeds(self, feats, index, centroids, m):
+        """Birth moves: the m features of all ranks farthest from their nearest centroid (the
+        samples the mixture explains worst; k-means++ seeds where the distance is largest),
+        as new centroids. Each rank proposes its own m worst, every rank receives all
+        proposals (utils.gather_rows) and picks the same m, ties broken by dataset index. The
+        next Lloyd iterations give them members; the merge rule removes those that are not
+        distinct clusters. ImageNet: m x D per rank sent, one search per epoch more."""
+        world = dist.get_world_size() if distributed() else 1
+        rank = dist.get_rank() if distributed() else 0
+        sims, _ = nearest_centroid(feats.numpy(), centroids.numpy(), self.device)
+        mine = np.argsort(sims, kind="stable")[:m]
+        cand = torch.zeros(m, self.dim + 2, dtype=torch.float64)              # feature, cosine, index
+        cand[:, self.dim] = 2.0                                              # an empty slot is never chosen
+        cand[:len(mine), :self.dim] = feats[mine].double()
+        cand[:len(mine), self.dim] = torch.from_numpy(sims[mine]).double()
+        cand[:len(mine), self.dim + 1] = index[mine].double()
+        every = gather_rows(cand, torch.arange(rank * m, rank * m + m), world * m)
+        pick = np.lexsort((every[:, self.dim + 1].numpy(), every[:, self.dim].numpy()))[:m]
+        pick = pick[every[pick, self.dim].numpy() < 2.0]
+        return torch.nn.functional.normalize(every[pick, :self.dim].float(), dim=1)
 
     def _random_init(self, feats, index, n_total, seed, k):
         """k features chosen uniformly at random from all N (Faiss's own init). The choice
@@ -329,23 +464,27 @@ class VMFMixture:
         """Per-cluster concentration from the cluster sums r_k, n_k: eq. 16 ("pca"), eq. 7
         ("mle") or 1 ("const", Table 7's ablation). Guards: a singleton cluster (rbar = 1,
         kappa = inf) and any non-finite value take the median kappa of the other clusters,
-        and no estimate exceeds kappa_clip times the median."""
+        and no estimate exceeds kappa_clip times the median. Also returns each cluster's mean
+        resultant length rbar in the space of the estimate (the top d' principal directions
+        for "pca", all D dimensions otherwise), which the likelihood merge rule reads."""
         K = r.shape[0]
-        if self.kappa_mode == "const":
-            return torch.ones(K)
         if self.kappa_mode == "pca":
-            kappa = kappa_pca(r, n, principal_directions(feats, n_total, self.pca_dim, self.device))
+            P = principal_directions(feats, n_total, self.pca_dim, self.device)
+            rbar, kappa = mean_resultant_length(r @ P, n), kappa_pca(r, n, P)
         else:
-            kappa = kappa_mle(mean_resultant_length(r, n), self.dim)
+            rbar = mean_resultant_length(r, n)
+            kappa = kappa_mle(rbar, self.dim)
+        if self.kappa_mode == "const":
+            return torch.ones(K), rbar
         bad = (n < 2) | ~torch.isfinite(kappa)
         if bad.all():
-            return torch.ones(K)
+            return torch.ones(K), rbar
         kappa[bad] = kappa[~bad].median()
         # A few (near-)duplicate images form a tight cluster with rbar ~ 1 - 1e-6 and kappa
         # ~ 1e7; left alone, that one value would set the mean of kappa_for_loss() and scale
         # every other cluster's loss to ~0.
         kappa = kappa.clamp(max=self.kappa_clip * kappa.median())
-        return kappa.float()
+        return kappa.float(), rbar
 
     def kappa_for_loss(self):
         """kappa normalised to mean 1 over clusters, so the cluster loss has the same scale
@@ -388,7 +527,7 @@ class VMFMixture:
         kappa is the count-weighted mean until the next fit re-estimates it.
         Returns (number of merges, the rule's log entries)."""
         K = self.centroids.shape[0]
-        if K < 3 or K <= min_clusters:
+        if K <= min_clusters:
             return 0, {}
         rows, cols, order, info = MERGE_RULES[merge_rule](self, **flags)
         a, b = greedy_matching(rows, cols, order, K, max_pairs=K - min_clusters)
@@ -402,6 +541,7 @@ class VMFMixture:
         merged = mu[a].mul_(na[:, None]).add_(mu[b].mul_(nb[:, None]))
         merged = merged.div_(merged.norm(dim=1, keepdim=True).clamp_(min=1e-12))
         kap = (na * self.kappa[a] + nb * self.kappa[b]) / (na + nb).clamp(min=1)
+        rbar = merged_rbar(na.double(), self.rbar[a], nb.double(), self.rbar[b], (mu[a] * mu[b]).sum(1).double())
         n_ab = self.counts[a] + self.counts[b]
         # Drop b first (boolean indexing copies), then write the merged a rows into the copies:
         # the old tensors are never written to, so a state_dict() taken before the merge, or
@@ -409,8 +549,9 @@ class VMFMixture:
         keep = torch.ones(K, dtype=torch.bool)
         keep[b] = False
         at = keep.cumsum(0)[a] - 1                              # where row a lands after the drop
-        self.centroids, self.counts, self.kappa = self.centroids[keep], self.counts[keep], self.kappa[keep]
-        self.centroids[at], self.counts[at], self.kappa[at] = merged, n_ab, kap
+        self.centroids, self.counts, self.kappa, self.rbar = (self.centroids[keep], self.counts[keep],
+                                                              self.kappa[keep], self.rbar[keep])
+        self.centroids[at], self.counts[at], self.kappa[at], self.rbar[at] = merged, n_ab, kap, rbar
         return len(a), info
 
     # ------------------------------------------------------------------ state
@@ -418,13 +559,13 @@ class VMFMixture:
         """What the training log records every epoch (collapse shows as one giant cluster)."""
         c = self.counts.float()
         return {"K": int(self.centroids.shape[0]), "objective": self.objective, "kmeans_iters": self.n_iter,
-                "dropped_empty": self.dropped,
+                "dropped_empty": self.dropped, "born": self.born,
                 "cluster_min": int(c.min()), "cluster_median": float(c.median()), "cluster_max": int(c.max()),
                 "kappa_min": float(self.kappa.min()), "kappa_median": float(self.kappa.median()),
                 "kappa_max": float(self.kappa.max())}
 
     def state_dict(self):
-        return {"centroids": self.centroids, "counts": self.counts, "kappa": self.kappa,
+        return {"centroids": self.centroids, "counts": self.counts, "kappa": self.kappa, "rbar": self.rbar,
                 "objective": self.objective, "k_history": list(self.k_history), "fits": self.fits,
                 "dim": self.dim}
 
@@ -432,5 +573,5 @@ class VMFMixture:
         if sd["dim"] != self.dim:
             raise ValueError(f"saved cluster state has D = {sd['dim']}, this model has D = {self.dim}: "
                              "resume with the same --dim")
-        self.centroids, self.counts, self.kappa = sd["centroids"], sd["counts"], sd["kappa"]
+        self.centroids, self.counts, self.kappa, self.rbar = sd["centroids"], sd["counts"], sd["kappa"], sd["rbar"]
         self.objective, self.k_history, self.fits = sd["objective"], list(sd["k_history"]), sd["fits"]

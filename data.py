@@ -18,6 +18,7 @@ MoCo v3's augmentations (two asymmetric views) are built here too.
 import functools
 import gzip
 import os
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,12 +117,17 @@ class FashionMNIST(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------- image folders
-def load_image(path):
+def load_image(path, draft=0):
     """An image file as 8-bit RGB. PIL's convert("RGB") clips 16-bit and 32-bit integer
     images at 255, which turns a 16-bit PNG into a near-binary image without a word: those
-    are scaled to 8 bits first (16-bit: / 257, so 65535 -> 255)."""
+    are scaled to 8 bits first (16-bit: / 257, so 65535 -> 255).
+    draft: a JPEG whose shorter side is at least 2 x draft is decoded at 1/2, 1/4 or 1/8
+    scale, shorter side still >= draft (PIL's draft(): the DCT is cut short, nearly free).
+    resized_copy uses it: at ImageNet's typical 500 x 375 it rarely applies to a 256 resize."""
     with open(path, "rb") as f:
         img = Image.open(f)
+        if draft and img.format == "JPEG":
+            img.draft("RGB", (draft, draft))   # keeps both sides >= draft
         img.load()
     if img.mode.startswith("I"):        # I;16, I;16B, I;16L, I (32-bit int, how PIL may open a 16-bit PNG)
         a = np.asarray(img, dtype=np.float64)
@@ -154,6 +160,8 @@ def load_dataset(name, data_dir, split, transform=None, download=False):
     """The dataset `name` (a key of SPECS), split 'train' or 'val'."""
     if name not in SPECS:
         raise UserError(f"unknown --data {name!r}: {', '.join(NAMES)}")
+    if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"--data-dir {data_dir} is a file: give the folder that holds the data")
     if data_dir and not os.path.isdir(data_dir):
         raise UserError(f"--data-dir {data_dir} does not exist")
     if name == "fashion-mnist":
@@ -181,6 +189,18 @@ def check_same_classes(train_set, val_set):
 
 
 # ----------------------------------------------------------------------------- transforms
+def check_same_files(ds, copy):
+    """A resized copy (--feature-data-dir) must list the same images in the same order as
+    the data it stands for: the feature pass's row i is training image i."""
+    rel = [os.path.relpath(p, ds.root) for p, _ in ds.samples]
+    rel_copy = [os.path.relpath(p, copy.root) for p, _ in copy.samples]
+    if rel != rel_copy:
+        diff = next((a, b) for a, b in zip(rel + [None], rel_copy + [None]) if a != b)
+        raise UserError(f"--feature-data-dir {os.path.dirname(copy.root)} does not hold the same images as --data-dir "
+                        f"({len(rel_copy)} against {len(rel)}; first difference: {diff[1]} for {diff[0]}): "
+                        "make it with python data.py SRC DST")
+
+
 class Solarize:
     def __call__(self, img):
         return ImageOps.solarize(img)
@@ -292,7 +312,98 @@ def feature_loader(ds, batch_size, args):
     each holding its own copy of the file list (ImageNet: 1.28M paths)."""
     batches = feature_batches(len(ds), batch_size, args.rank, args.world_size, args.seed)
     return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=args.workers,
-                                       pin_memory=args.device.type == "cuda", generator=torch.Generator())
+                                       pin_memory=args.device.type == "cuda", generator=torch.Generator(),
+                                       worker_init_fn=functools.partial(ignore_stop_signals, term=False))
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """The training sampler: DistributedSampler's seeded shuffle and cut (drop_last), each
+    sample handed to the dataset as (seed, epoch, index) so that SeededSamples draws its
+    augmentation from those alone, and able to start part-way through an epoch (start, in
+    samples of this rank): a run stopped mid-epoch resumes at the next batch (train.py)."""
+
+    def __init__(self, ds, world_size, rank, seed):
+        super().__init__(ds, world_size, rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def set_epoch(self, epoch, start=0):
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        order = list(super().__iter__())[self.start:]
+        return iter([(self.seed, self.epoch, i) for i in order])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def sample_seed(seed, epoch, i):
+    """The seed of image i's augmentation in an epoch. torch's CPU generator (mt19937) keeps
+    only 32 bits of a seed, so (seed, epoch, i) are mixed into 32 bits by numpy's SeedSequence
+    rather than packed into one integer (whose high bits, epoch and seed, would be cut off)."""
+    return int(np.random.SeedSequence([seed, epoch, i]).generate_state(1)[0])
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """ds[i], its random augmentation drawn from torch's generator seeded by (seed, epoch, i)
+    alone (the caller's RNG state is put back after). A sample's two views thus depend on
+    nothing but the run's seed, the epoch and the image: not on the loader's workers, their
+    number or order, nor on where in the epoch a run was resumed. This is what lets a run
+    stopped at any step continue bit-identically (MoCo v3's loader seeds each worker instead,
+    which ties the views to the worker layout). Costs a seed per image (~10 us, against
+    ~10 ms to decode and augment an ImageNet JPEG)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        seed, epoch, i = key
+        state = torch.get_rng_state()
+        torch.manual_seed(sample_seed(seed, epoch, i))
+        try:
+            return self.ds[i]
+        finally:
+            torch.set_rng_state(state)
+
+
+def ignore_stop_signals(worker_id, term=True):
+    """A loader worker's worker_init_fn: SIGTERM and SIGUSR1 (a preemption, Slurm's time-limit
+    warning) reach every process of a job, the workers too. They are for the training
+    process to act on (train.Stop: finish the step, checkpoint); a worker that died of one
+    would end that process with "DataLoader worker exited unexpectedly" before it could.
+    term=False (the feature pass's workers, which the signal would not wait for anyway):
+    SIGUSR1 only, so that SIGTERM still ends them as multiprocessing expects at exit. The
+    training workers ignore both and are shut down by train.py itself (shutdown_workers)."""
+    if term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def shutdown_workers(loader):
+    """End a persistent loader's workers now, through their queues (as its iterator's
+    finaliser does): workers that ignore SIGTERM would otherwise hang the interpreter's exit,
+    where multiprocessing terminates daemon processes with it and joins them."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    loader._iterator = None
+
+
+def train_loader(ds, batch_size, args):
+    """The training loader: batches of this rank's share of an EpochSampler over
+    SeededSamples. Persistent workers (a worker pool started once, not once per epoch:
+    ImageNet's 10 workers per GPU each start by building a whole batch) with their own
+    generator, so the loader draws nothing from torch's global RNG."""
+    sampler = EpochSampler(ds, args.world_size, args.rank, args.seed)
+    loader = torch.utils.data.DataLoader(SeededSamples(ds), batch_size=batch_size, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=args.device.type == "cuda",
+                                         drop_last=True, persistent_workers=args.workers > 0,
+                                         generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
+    return sampler, loader
 
 
 def subset(ds, n, seed=0):
@@ -321,3 +432,49 @@ class IndexedSubset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         x, y, _ = self.ds[int(self.idx[i])]
         return x, y, i
+
+
+# ----------------------------------------------------------------------------- a resized copy (FFCV-style)
+def _resize_file(job):
+    src, dst, side, quality = job
+    img = load_image(src, draft=side)
+    w, h = img.size
+    if min(w, h) > side:
+        img = T.functional.resize(img, side)   # shorter side to `side`, antialiased like the evaluation view
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    img.save(dst, format="JPEG", quality=quality)
+
+
+def resized_copy(src, dst, side=256, quality=95, workers=None):
+    """A copy of an image folder (train/ and val/, one folder per class) with every image's
+    shorter side at most `side`, as JPEG, with the same relative paths (so ImageFolder lists
+    it in the same order). Made once, it is what the feature pass reads every epoch
+    (train.py --feature-data-dir): its view resizes to 256 and crops 224 anyway, and a 256 px
+    JPEG decodes about 2x faster than ImageNet's typical 500 x 375 (bench/bench_loader.py)."""
+    import multiprocessing
+
+    from tqdm import tqdm
+    jobs = []
+    for split in ("train", "val"):
+        for root, _, files in os.walk(os.path.join(src, split)):
+            for name in sorted(files):
+                if name.lower().endswith(datasets.folder.IMG_EXTENSIONS):
+                    rel = os.path.relpath(os.path.join(root, name), src)
+                    jobs.append((os.path.join(src, rel), os.path.join(dst, rel), side, quality))
+    with multiprocessing.Pool(workers) as pool:
+        for _ in tqdm(pool.imap_unordered(_resize_file, jobs, chunksize=64), total=len(jobs), desc="resizing"):
+            pass
+    return len(jobs)
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="A resized copy of an image folder for the feature pass "
+                                            "(train.py --feature-data-dir DST)")
+    p.add_argument("src", help="a folder with train/ and val/, one sub-folder per class (e.g. ImageNet)")
+    p.add_argument("dst", help="where the copy goes (ImageNet at 256: about 35 GB)")
+    p.add_argument("--side", type=int, default=256, help="the shorter side at most (the evaluation view's resize)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of the copy")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
+    a = p.parse_args()
+    print(f"{resized_copy(a.src, a.dst, a.side, a.quality, a.workers)} images written to {a.dst}")

@@ -14,12 +14,12 @@ on Fashion-MNIST or any ImageFolder data set (ImageNet included), on a CPU or GP
                     mislabels (sec. 6.8): report.py
 
 A checkpoint of train.py carries everything (data, architecture, image size, the mixture):
-    $ python evaluate.py --checkpoint runs/siammm/checkpoint.pth
+    $ python evaluate.py --checkpoint runs/cpu/checkpoint.pth
 Table 3 on ImageNet, 8 GPUs (each process embeds its share; the rest runs on rank 0):
-    $ torchrun --standalone --nproc_per_node=8 evaluate.py --checkpoint runs/in100/checkpoint.pth \\
+    $ torchrun --standalone --nproc_per_node=8 evaluate.py --checkpoint runs/imagenet-100ep/checkpoint.pth \\
         --data-dir /datasets/imagenet
 A quick look on subsets (the default is the full train split -> the full val split):
-    $ python evaluate.py --checkpoint runs/siammm/checkpoint.pth --train-subset 10000 --test-subset 2000
+    $ python evaluate.py --checkpoint runs/cpu/checkpoint.pth --train-subset 10000 --test-subset 2000
 An exported backbone (SiamMM.export_backbone):
     $ python evaluate.py --backbone r50.pth --arch resnet50 --data imagenet --data-dir /datasets/imagenet
 
@@ -59,6 +59,9 @@ from search import knn_votes, torch_search
 from utils import UserError, autocast
 
 # ----------------------------------------------------------------------------- config
+SELF_KNN_MAX = 200_000   # --mislabel-votes auto: larger report splits vote by cluster
+
+
 def get_args(argv=None):
     p = utils.ArgumentParser(prog="evaluate.py", description="Evaluate a SiamMM checkpoint or backbone",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -92,9 +95,11 @@ def get_args(argv=None):
     p.add_argument("--grid-cols", type=int, default=12, help="images per row (per true class) in a cluster grid")
     p.add_argument("--confidence", default="cosine", choices=["cosine", "margin"],
                    help="confidence of an assignment: cosine to its centroid, or its margin over the second nearest")
-    p.add_argument("--mislabel-votes", default="knn", choices=["knn", "cluster"],
+    p.add_argument("--mislabel-votes", default="auto", choices=["auto", "knn", "cluster"],
                    help="who votes on each label of the report: the smallest --knn-k nearest other images (weighted, "
-                        "leave-one-out) or the image's learned cluster (sec. 6.8; coarse once K nears the class count)")
+                        "leave-one-out) or the image's learned cluster (sec. 6.8; coarse once K nears the class count); "
+                        f"auto: knn up to {SELF_KNN_MAX:,} report images, cluster above (ImageNet's train split: a "
+                        "self-kNN of 1.28M x 1.28M x 2048 is 6.7 PFLOP)")
     p.add_argument("--mislabel-show", type=int, default=48, help="suspected mislabels drawn in mislabels.png")
     p.add_argument("--kmeans-redo", type=int, default=5, help="k-means restarts (the best objective is kept)")
     p.add_argument("--no-raw", action="store_true", help="skip the raw-pixel kNN and k-means")
@@ -104,7 +109,12 @@ def get_args(argv=None):
     p.add_argument("--out-dir", help="default: <checkpoint or backbone folder>/eval")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch, per process")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes per process")
+    p.add_argument("--workers", type=int, default=utils.default_workers(),
+                   help="data-loading processes per process (default: this machine's cores over its processes, at "
+                        "most 10: decoding is what extraction waits on)")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                   help="precision of the extraction on CUDA: none = fp32 (MoCo v3's evaluation); the stored "
+                        "features are float16 either way, and kNN, probe and k-means compute in fp32")
     p.add_argument("--seed", type=int, default=0, help="subsets, batches, k-means and probe")
     p.add_argument("--dist-timeout", type=float, default=30.0, help="minutes to wait for the other processes")
     args = p.parse_args(argv)
@@ -116,6 +126,7 @@ def get_args(argv=None):
         p.error("--knn-k needs positive integers")
     if args.batch_size < 2:
         p.error(f"--batch-size {args.batch_size}: at least 2 (the momentum embedding normalises with batch statistics)")
+    args.mislabel_votes_asked = args.mislabel_votes   # auto is settled once the report split's size is known
     utils.check_flags(p, args, positive=("knn_t", "probe_lr", "batch_size", "probe_batch_size", "grid_cols",
                                          "kmeans_redo", "raw_size", "img_size", "dist_timeout"),
                       non_negative=("train_subset", "test_subset", "probe_epochs", "grid_clusters", "mislabel_show",
@@ -163,7 +174,7 @@ def extract(ds, backbone, embed, args, desc="features", dims=None):
     for x, y, idx in tqdm(loader, desc=desc, leave=False, disable=not args.master):
         x = x.to(args.device, non_blocking=True)
         xin = data.to_input(x, args.data, args.device)
-        with autocast(args.device):
+        with autocast(args.device, args.amp):
             rows["feats"].append(backbone(xin).float().clamp(-65504, 65504).half().cpu())   # fp16's range
             if embed is not None:
                 rows["emb"].append(embed(xin).half().cpu())
@@ -199,6 +210,8 @@ def plan(n_train, n_test, feat_dim, emb_dim, num_classes, args, has_mixture=None
     utils.check_memory((n_train + n_test) * row, f"keeping {n_train + n_test:,} images' features",
                        "use --train-subset" + ("" if args.no_raw else ", or --no-raw"))
     n_report = n_train if args.report_split == "train" else n_test
+    if args.mislabel_votes_asked == "auto":
+        args.mislabel_votes = "knn" if n_report <= SELF_KNN_MAX else "cluster"
     n_metrics = n_train if args.metrics_split == "train" else n_test
     kmeans = 2 * 50 * args.kmeans_redo * num_classes   # FLOP per image and dimension: 50 Lloyd iterations a restart
     utils.check_cost(f"kNN of {n_test:,} images among {n_train:,}", 2 * n_test * n_train * feat_dim,

@@ -19,7 +19,7 @@ Table 2 (1% and 10%; SimCLR's files: 1percent.txt, 10percent.txt):
     $ torchrun --standalone --nproc_per_node=8 lincls.py --checkpoint runs/in100/checkpoint.pth \\
         --data-dir /datasets/imagenet --mode finetune --labels 1 --split-file 1percent.txt
 The CPU demo's checkpoint (Fashion-MNIST, 16 px views):
-    $ python lincls.py --checkpoint runs/siammm/checkpoint.pth
+    $ python lincls.py --checkpoint runs/cpu/checkpoint.pth
 
 Every image's augmentation is drawn from a generator seeded by (seed, epoch, image), so the
 views do not depend on the number of processes or loader workers: 1 and 8 GPUs train on the
@@ -80,7 +80,8 @@ def get_args(argv=None):
                    "(none: fp32, as main_lincls)")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
     p.add_argument("--out-dir", help="default: <checkpoint or backbone folder>/lincls (finetune: /finetune<labels>)")
-    p.add_argument("--resume", default="", help="'auto' (OUT_DIR/checkpoint.pth if present) or a checkpoint path")
+    p.add_argument("--resume", default="auto", help="auto: continue from OUT_DIR/checkpoint.pth if there (rerunning the "
+                   "command, or a requeued job, continues the run); none: start afresh; or a checkpoint path")
     p.add_argument("--stop-after-epoch", type=int, default=0, help="exit after this epoch; resume later")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -122,7 +123,7 @@ class SeededViews(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, label, _ = self.ds[i]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 100003 + self.epoch) * 2 ** 31 + i) % 2 ** 63)
+            torch.manual_seed(data.sample_seed(self.seed, self.epoch, i))
             return self.transform(img), label, i
 
 

@@ -13,7 +13,11 @@ One GPU:
 2 nodes of 8 GPUs (run on each node, --node_rank 0 and 1; --out-dir on a shared file system):
     $ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \\
         train.py --preset imagenet-200ep --data-dir /datasets/imagenet --out-dir /shared/runs/in200
-Resume an interrupted run: add --resume auto (continues from OUT_DIR/checkpoint.pth).
+Each run lives in its --out-dir (default runs/PRESET). Rerunning the same command continues
+from OUT_DIR/checkpoint.pth: after a crash, a kill, a preemption or a job's time limit. A
+SIGTERM or SIGUSR1 (Slurm: preemption, --signal) makes every rank finish its step and save a
+mid-epoch checkpoint first (slurm.sbatch is a recipe for nodes of 8 GPUs). --resume none
+starts afresh in the same folder, discarding what is there.
 
 Each epoch is the paper's training procedure (sec. 5.1), one function per step:
   1. feature pass   the momentum encoder embeds every training image (evaluation view)
@@ -30,6 +34,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import sys
 import time
 
 import torch
@@ -38,7 +44,7 @@ from tqdm import tqdm
 
 import data
 import utils
-from cluster import MERGE_RULES, VMFMixture
+from cluster import MERGE_RULES, Assignment, VMFMixture
 from loss import CLUSTER_LOSSES, INSTANCE_LOSSES, siammm_loss
 from model import ModelConfig
 from search import search_backend
@@ -56,33 +62,42 @@ PRESETS = {
     "cpu": dict(data="fashion-mnist", arch="resnet18", small_stem=True, width=16, img_size=16, subset=5000,
                 proj_hidden=512, pred_hidden=512, dim=128, pca_dim=64, batch_size=128, epochs=48,
                 optimizer="sgd", lr=0.06, weight_decay=5e-4, warmup_epochs=0, momentum=0.99,
-                num_clusters=500, crop_min=0.2, workers=2, merge_lambda=1.625),
+                num_clusters=500, crop_min=0.2, workers=2, merge_rule="eq11", merge_lambda=1.625),
     # sec. 5.1: ResNet-50, 3-layer 4096-d projector, 2-layer predictor, 256-d, K0 = 100,000,
     # LARS (wd 1e-6, momentum 0.9), batch 4096, cosine lr, MoCo v3 augmentations. The paper's
     # base lr values were lost in extraction; these are MoCo v3's ResNet-50 values, and
     # MoCo v3's ResNet-50 recipes (its CONFIG.md) crop with --crop-min .2. The lambda of
     # eq. 11 was lost too ("a percentile of the normalised pairwise distance"): 2.0 merges
-    # pairs below about the 2nd percentile, were d Gaussian.
+    # pairs below about the 2nd percentile, were d Gaussian. The merge rule is the paper's
+    # eq. 11: the likelihood rule (--merge-rule bic) needs no lambda and finds K on fixed
+    # features, but in training on Fashion-MNIST it kept 75 clusters for 10 classes
+    # (bench/RESULTS.md, "Where K stops"); nothing yet says it would stop near 1,000 here.
     "imagenet-100ep": dict(data="imagenet", arch="resnet50", small_stem=False, width=64, img_size=224, subset=0,
                            proj_hidden=4096, pred_hidden=4096, dim=256, pca_dim=150, batch_size=4096,
                            epochs=100, optimizer="lars", lr=0.6, weight_decay=1e-6, warmup_epochs=10,
-                           momentum=0.99, num_clusters=100000, crop_min=0.2, workers=10, merge_lambda=2.0),
+                           momentum=0.99, num_clusters=100000, crop_min=0.2, workers=10, merge_rule="eq11",
+                           merge_lambda=2.0),
     "imagenet-200ep": dict(data="imagenet", arch="resnet50", small_stem=False, width=64, img_size=224, subset=0,
                            proj_hidden=4096, pred_hidden=4096, dim=256, pca_dim=150, batch_size=4096,
                            epochs=200, optimizer="lars", lr=0.5, weight_decay=1e-6, warmup_epochs=10,
-                           momentum=0.99, num_clusters=100000, crop_min=0.2, workers=10, merge_lambda=2.0),
+                           momentum=0.99, num_clusters=100000, crop_min=0.2, workers=10, merge_rule="eq11",
+                           merge_lambda=2.0),
 }
 
 
 def get_args(argv=None):
     p = utils.ArgumentParser(prog="train.py", description="SiamMM pre-training",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="defaults for a setting; flags override")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a setting; flags override (default: cpu, "
+                   "the Fashion-MNIST demo; the paper's: imagenet-100ep, imagenet-200ep)")
     # data
     p.add_argument("--data", choices=data.NAMES, help="data set")
     p.add_argument("--data-dir", default="", help="fashion-mnist: idx files (default /usr/share/datasets/fashion-mnist); "
                    "folder/imagenet: a folder with train/ and val/")
     p.add_argument("--download", action="store_true", help="fashion-mnist: download with torchvision if missing (needs internet)")
+    p.add_argument("--feature-data-dir", default="",
+                   help="folder/imagenet: a resized copy of --data-dir (python data.py SRC DST) that the feature pass "
+                        "reads instead: ImageNet decodes ~2x faster at 256 px (bench/bench_loader.py)")
     p.add_argument("--subset", type=int, help="train on a seeded random subset of this many images (0 = all)")
     p.add_argument("--img-size", type=int, help="crop size of the training views")
     p.add_argument("--crop-min", type=float, help="smallest RandomResizedCrop scale")
@@ -103,6 +118,9 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-epochs", type=int, help="linear lr warm-up, then cosine decay")
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="mixed precision on CUDA (ignored on CPU)")
+    p.add_argument("--feature-amp", default="bf16", choices=["bf16", "fp16", "none"],
+                   help="precision of the feature pass on CUDA (none = fp32); its embeddings go to k-means in fp32 "
+                        "(bench/check_gpu_data.py measures the bf16-fp32 cosine)")
     # the mixture model (sec. 4)
     p.add_argument("--num-clusters", type=int, help="initial number of clusters K0 (paper 100,000)")
     p.add_argument("--kappa", default="pca", choices=["pca", "mle", "const"],
@@ -124,10 +142,14 @@ def get_args(argv=None):
     p.add_argument("--soft-k", type=int, default=3, help="s, nearest centroids per sample (eq. 10); 1 = hard assignment (eq. 8, Table 6)")
     p.add_argument("--tau", type=float, default=0.1, help="temperature of the soft assignment (eq. 10)")
     p.add_argument("--assign-prior", action="store_true", help="add log pi_k to the eq. 10 logits")
-    p.add_argument("--merge-rule", default="eq11", choices=sorted(MERGE_RULES),
-                   help="which pairs of clusters merge after each epoch (cluster.MERGE_RULES); eq11: the paper's")
+    p.add_argument("--merge-rule", choices=sorted(MERGE_RULES),
+                   help="which pairs of clusters merge after each epoch (cluster.MERGE_RULES): eq11, the paper's "
+                        "(presets); bic, one vMF against two, no lambda; views: bic or closer than two views")
     p.add_argument("--merge-lambda", type=float, help="lambda of eq. 11; merge if d < E[d] - lambda sigma[d] "
                    "(preset: 1.625 on the CPU, 2.0 on ImageNet)")
+    p.add_argument("--births", type=float, default=0.0,
+                   help="split moves: each epoch seed this fraction of K new clusters where the mixture fits worst "
+                        "(VMFMixture._seeds); merging removes those that are not distinct")
     p.add_argument("--no-merge", action="store_true", help="ablation (Table 5): keep K fixed")
     p.add_argument("--min-clusters", type=int, default=2, help="merging never takes K below this")
     p.add_argument("--cluster-warmup-epochs", type=int, default=0, help="epochs of instance loss only before the first clustering")
@@ -141,8 +163,14 @@ def get_args(argv=None):
     p.add_argument("--neg-t", type=float, default=0.2, help="temperature of eq. 14 / 15")
     p.add_argument("--num-neg", type=int, default=16000, help="negative centroids per batch for eq. 14 (PCL: 16000)")
     # run
-    p.add_argument("--out-dir", default="runs/siammm")
-    p.add_argument("--resume", default="", help="'auto' (OUT_DIR/checkpoint.pth if present) or a checkpoint path")
+    p.add_argument("--out-dir", help="where the run lives: checkpoints, log.jsonl, args.json (default runs/PRESET)")
+    p.add_argument("--resume", default="auto",
+                   help="auto: continue from OUT_DIR/checkpoint.pth if there (DINO's behaviour: rerunning a command, "
+                        "or a requeued job, never starts a run over); none: start afresh, overwriting OUT_DIR's run; "
+                        "or a checkpoint path")
+    p.add_argument("--checkpoint-minutes", type=float, default=30.0,
+                   help="also save a mid-epoch checkpoint when this long has passed since the last one (a hard kill "
+                        "then loses at most this much; 0 = at epoch ends only)")
     p.add_argument("--stop-after-epoch", type=int, default=0, help="exit after this epoch (for job time limits); resume later")
     p.add_argument("--save-every", type=int, default=0, help="also keep checkpoint_epochN.pth every N epochs")
     p.add_argument("--seed", type=int, default=0)
@@ -151,9 +179,15 @@ def get_args(argv=None):
                    help="minutes a process waits for the others in a collective before the run stops "
                         "(a frozen or lost rank would otherwise hang the rest)")
     args = p.parse_args(argv)
+    args.preset_given = args.preset is not None   # the card's bare command on a GPU says what it runs
+    args.preset = args.preset or "cpu"
+    pca_dim_given = args.pca_dim is not None
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if not pca_dim_given and args.dim is not None:   # a preset's d' follows a smaller --dim; a given one is checked
+        args.pca_dim = min(args.pca_dim, args.dim)
+    args.out_dir = args.out_dir or os.path.join("runs", args.preset)
     check_args(p, args)
     return args
 
@@ -165,13 +199,19 @@ def check_args(p, args):
                       positive=("epochs", "batch_size", "img_size", "width", "proj_hidden", "pred_hidden", "dim",
                                 "pca_dim", "num_clusters", "soft_k", "tau", "init_iters", "nredo", "min_clusters",
                                 "infonce_t", "neg_t", "num_neg", "dist_timeout"),
-                      non_negative=("subset", "workers", "weight_decay", "warmup_epochs", "kmeans_iters",
-                                    "cluster_warmup_epochs", "cluster_weight", "stop_after_epoch", "save_every"),
+                      non_negative=("subset", "workers", "weight_decay", "warmup_epochs", "kmeans_iters", "births",
+                                    "cluster_warmup_epochs", "cluster_weight", "stop_after_epoch", "save_every",
+                                    "checkpoint_minutes"),
                       fractions=("crop_min",))
     if not (args.lr > 0 and math.isfinite(args.lr)):
         p.error(f"--lr {args.lr}: must be a positive number (the base lr; the actual lr is lr x batch-size / 256)")
     if not 0 <= args.momentum <= 1:
         p.error(f"--momentum {args.momentum}: the EMA momentum m0 lies in [0, 1]")
+    if args.feature_data_dir and args.data == "fashion-mnist":
+        p.error("--feature-data-dir is for image folders (--data folder or imagenet): Fashion-MNIST is read from memory")
+    if args.pca_dim > args.dim:   # only a --pca-dim given on the command line can be (get_args)
+        p.error(f"--pca-dim {args.pca_dim} is larger than --dim {args.dim}: eq. 16 estimates kappa in d' <= D "
+                "principal directions (paper 150 of 256)")
     if not math.isfinite(args.merge_lambda):
         p.error(f"--merge-lambda {args.merge_lambda}: must be a number (eq. 11's threshold E[d] - lambda sigma[d])")
     if not args.kappa_clip >= 1:
@@ -229,6 +269,16 @@ def lr_at(t, args):
     return utils.cosine_schedule(t, args.epochs, args.lr * args.batch_size / 256, warmup=args.warmup_epochs)
 
 
+def preset_note(args):
+    """The first line of the card's bare command, torchrun --nproc_per_node=8 train.py, on GPUs:
+    without --preset it runs the CPU demo (what `python train.py` on a laptop should do), and
+    says so, and what runs the paper's."""
+    if args.device.type == "cuda" and not args.preset_given:
+        return ("no --preset: this runs the CPU demo (Fashion-MNIST, a small ResNet-18 at 16 px, into runs/cpu); "
+                "the paper's ImageNet runs: --preset imagenet-100ep (or imagenet-200ep) --data-dir DIR")
+    return None
+
+
 def model_config(args):
     """The model's shape from the flags, and the data's channels."""
     shape = {f: getattr(args, f) for f in ("arch", "small_stem", "width", "proj_hidden", "pred_hidden", "dim")}
@@ -245,14 +295,14 @@ class LossMeter:
     MAX_SKIPS_IN_A_ROW = 20   # the loss scale halved 20 times (1e-6): no longer an fp16 overflow
 
     def __init__(self, device, skips_allowed=False):
-        self.sums = torch.zeros(4, device=device)   # loss, L_inst, L_clus, finite steps
+        self.sums = torch.zeros(5, device=device)   # loss, L_inst, L_clus, view distance, finite steps
         self.bad = torch.zeros((), device=device, dtype=torch.long)
         self.bad_run = torch.zeros((), device=device, dtype=torch.long)
         self.skips_allowed, self.steps, self.checked = skips_allowed, 0, 0
 
-    def add(self, loss, l_inst, l_clus):
+    def add(self, loss, l_inst, l_clus, views):
         ok = torch.isfinite(loss)
-        terms = torch.stack([loss.detach(), l_inst, l_clus, torch.ones_like(l_inst)])
+        terms = torch.stack([loss.detach(), l_inst, l_clus, views, torch.ones_like(l_inst)])
         self.sums += torch.where(ok, terms, torch.zeros_like(terms))
         self.bad += ~ok
         self.bad_run = (self.bad_run + 1) * ~ok
@@ -271,7 +321,78 @@ class LossMeter:
 
     def means(self):
         s = self.sums.tolist()
-        return [v / max(s[3], 1) for v in s[:3]]
+        return [v / max(s[4], 1) for v in s[:4]]
+
+    def state_dict(self):
+        """For a mid-epoch checkpoint: every rank's sums so far (world x 5; a collective, every
+        rank calls it); the divergence counters are this rank's."""
+        sums = [self.sums.clone()]
+        if dist.is_available() and dist.is_initialized():
+            sums = [torch.zeros_like(self.sums) for _ in range(dist.get_world_size())]
+            dist.all_gather(sums, self.sums.to(utils.reduce_device()).clone())
+        return {"sums": torch.stack(sums).cpu(), "bad": self.bad.cpu(), "bad_run": self.bad_run.cpu(),
+                "steps": self.steps, "checked": self.checked}
+
+    def load_state_dict(self, sd, rank=0, world_size=1):
+        """Each rank its own sums, so the epoch's all-reduce adds the same numbers in the same
+        order as if never stopped (resumed on fewer ranks: rank 0 takes the rest)."""
+        sums = sd["sums"]
+        mine = sums[rank] if rank < len(sums) else torch.zeros_like(sums[0])
+        if rank == 0 and len(sums) > world_size:
+            mine = mine + sums[world_size:].sum(0)
+        self.sums = mine.to(self.sums.device)
+        self.bad, self.bad_run = sd["bad"].to(self.sums.device), sd["bad_run"].to(self.sums.device)
+        self.steps, self.checked = sd["steps"], sd["checked"]
+
+
+class Stop:
+    """Stopping mid-epoch without losing it. SIGTERM (a preemption; Slurm's requeue and
+    scancel; torchrun passing on its own SIGTERM) and SIGUSR1 (Slurm's --signal warning before
+    the time limit) only set a flag. After each training step the ranks agree on it (one
+    all-reduce of two numbers: max over ranks, so a signal that reached one rank stops all),
+    every rank finishes the same step, rank 0 writes a mid-epoch checkpoint, and the run
+    exits with 128 + the signal's number (the shell's code for "ended by that signal"; the
+    run is unfinished). Rerunning the command continues at the next step, bit-identical to
+    a run never stopped. A signal during the feature pass or clustering waits for the first
+    step (ImageNet: 1-3 min, within Slurm's --signal lead time in slurm.sbatch).
+    --checkpoint-minutes: rank 0's clock also asks for a mid-epoch checkpoint, without
+    stopping, when that long has passed since the last one (bounds what a kill -9 loses)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, args, save):
+        self.signum, self.minutes, self.save, self.last = 0, args.checkpoint_minutes, save, time.time()
+        self.before = {s: signal.signal(s, self._catch) for s in self.SIGNALS}
+
+    def close(self):   # the handlers train.py found (main() may be called from Python, e.g. a test)
+        for s, h in self.before.items():
+            signal.signal(s, h)
+
+    def _catch(self, signum, frame):
+        self.signum = signum
+
+    def poll(self, args):
+        """(signal number or 0, whether a timed checkpoint is due), equal on every rank."""
+        due = args.master and self.minutes > 0 and time.time() - self.last > self.minutes * 60
+        flags = torch.tensor([self.signum, int(due)])
+        if args.distributed:
+            flags = flags.to(utils.reduce_device())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signum, due = flags.tolist()
+        return signum, bool(due)
+
+    def checkpoint(self, epoch, steps, within=None):
+        self.save(epoch, steps, within)
+        self.last = time.time()
+
+    def exit(self, signum, where, args):
+        if args.master:
+            print(f"{signal.Signals(signum).name}: stopped at {where}, checkpoint saved in {args.out_dir}; "
+                  "rerun the same command to continue", flush=True)
+        if args.distributed:
+            dist.barrier()
+            dist.destroy_process_group()
+        sys.exit(128 + signum)
 
 
 # ----------------------------------------------------------------------------- steps 1-2: feature pass, E/M step
@@ -283,7 +404,7 @@ def feature_pass(model, loader, args):
     feats, index = [], []
     for x, _, idx in tqdm(loader, desc="  features", disable=not args.master, leave=False):
         x = data.to_input(x, args.data, args.device)
-        with autocast(args.device, args.amp):
+        with autocast(args.device, args.feature_amp):
             z = model.embed(x, args.feature_bn, args.local_group)
         feats.append(z.float().cpu())
         index.append(idx)
@@ -309,17 +430,19 @@ def cluster_step(model, mixture, loader, n_total, args, times):
 
 
 # ----------------------------------------------------------------------------- step 3: training
-def train_one_epoch(model, loader, optimizer, scaler, assignment, epoch, args, times):
+def train_one_epoch(model, loader, optimizer, scaler, assignment, epoch, args, times, stop, start=None):
     """Step 3: one pass over the shuffled training set with L = L_inst + lambda_c L_clus
     (eq. 13). lr and the EMA momentum follow their schedules per iteration (sec. 5.1, MoCo
     v3); each image's cluster assignment is looked up by its dataset index in the tables
     of this epoch's E-step (assignment is None in cluster warm-up epochs: eq. 12 only).
-    Returns the log fields of the epoch."""
+    After every step but the last, the ranks agree whether to checkpoint mid-epoch (Stop);
+    start: (step, LossMeter) of a run resumed mid-epoch. Returns the log fields of the epoch."""
     module = model.module if args.distributed else model
-    meter = LossMeter(args.device, skips_allowed=scaler.is_enabled())
-    t0, steps = time.time(), len(loader)
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not args.master, leave=False)
-    for i, ((x1, x2), _, idx) in enumerate(bar):
+    first, meter = start or (0, LossMeter(args.device, skips_allowed=scaler.is_enabled()))
+    t0, steps = time.time(), first + len(loader)   # the loader holds the steps not yet taken
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not args.master, leave=False,
+               initial=first, total=steps)
+    for i, ((x1, x2), _, idx) in enumerate(bar, first):
         t = epoch + i / steps
         lr, m = lr_at(t, args), utils.cosine_schedule(t, args.epochs, args.momentum, final=1.0)   # MoCo v3: m0 -> 1
         for g in optimizer.param_groups:
@@ -335,16 +458,25 @@ def train_one_epoch(model, loader, optimizer, scaler, assignment, epoch, args, t
         scaler.step(optimizer)
         scaler.update()
         module.update_momentum(m)
-        meter.add(loss, l_inst, l_clus)
+        # the spread augmentation gives one image: the distance 1 - k1.k2 between the momentum
+        # embeddings of its two views (the 'views' merge rule reads it; logged for every run)
+        meter.add(loss, l_inst, l_clus, (1 - (k1.float() * k2.float()).sum(1)).mean())
         if i % 20 == 0 or i == steps - 1:
             check_divergence(meter, bar, epoch, i, args)
-            bar.set_postfix(dict(zip(("loss", "inst", "clus"), (f"{v:.4f}" for v in meter.means()))) | {"lr": f"{lr:.3g}"})
+            bar.set_postfix(dict(zip(("loss", "inst", "clus"), (f"{v:.4f}" for v in meter.means()[:3]))) | {"lr": f"{lr:.3g}"})
+        if i < steps - 1:   # after the last step the epoch ends as usual (merge, log, checkpoint)
+            signum, due = stop.poll(args)
+            if signum or due:
+                bar.close()
+                stop.checkpoint(epoch, steps, {"step": i + 1, "assignment": assignment, "meter": meter.state_dict()})
+                if signum:
+                    stop.exit(signum, f"epoch {epoch + 1}, step {i + 1}/{steps}", args)
     if args.distributed:
         dist.all_reduce(meter.sums)
     times["training"] = time.time() - t0
-    loss, l_inst, l_clus = meter.means()
-    return {"loss": loss, "loss_inst": l_inst, "loss_clus": l_clus, "lr": lr, "momentum": m,
-            "images_per_s": steps * args.batch_size / times["training"]}
+    loss, l_inst, l_clus, views = meter.means()
+    return {"loss": loss, "loss_inst": l_inst, "loss_clus": l_clus, "view_distance": views, "lr": lr, "momentum": m,
+            "images_per_s": (steps - first) * args.batch_size / times["training"]}
 
 
 def check_divergence(meter, bar, epoch, step, args):
@@ -358,16 +490,18 @@ def check_divergence(meter, bar, epoch, step, args):
 
 
 # ----------------------------------------------------------------------------- step 4: merging
-def merge_step(mixture, args, times):
-    """Step 4: merge clusters (sec. 4.2) by the rule of --merge-rule (eq. 11 by default).
-    Rank 0 merges and sends its whole mixture state (state_dict: what a checkpoint saves)
-    to the others, so all ranks hold bit-identical mixtures even where Faiss or BLAS differ
-    between nodes. Returns (merges, the rule's log entries)."""
+def merge_step(mixture, view_distance, args, times):
+    """Step 4: merge clusters (sec. 4.2) by the rule of --merge-rule (eq. 11 by default;
+    view_distance: this epoch's mean distance between two views of one image, which the
+    'views' rule compares centroids with). Rank 0 merges and sends its whole mixture state
+    (state_dict: what a checkpoint saves) to the others, so all ranks hold bit-identical
+    mixtures even where Faiss or BLAS differ between nodes. Returns (merges, the rule's log
+    entries)."""
     t0 = time.time()
     merged, info = 0, {}
     if not args.no_merge:
         if args.master:
-            merged, info = mixture.merge(**vars(args))
+            merged, info = mixture.merge(**vars(args), view_distance=view_distance)
         if args.distributed:
             box = [(mixture.state_dict(), merged, info)]
             dist.broadcast_object_list(box, src=0)
@@ -381,23 +515,31 @@ def merge_step(mixture, args, times):
 # ----------------------------------------------------------------------------- checkpoints, log, resume
 # Flags that say where and how this process runs, not what it trains: a resume may change
 # them without a note (the world size too: --batch-size is the total over all processes).
-RUN_FLAGS = {"out_dir", "resume", "stop_after_epoch", "save_every", "workers", "device", "data_dir",
-             "download", "distributed", "rank", "world_size", "local_rank", "master", "dist_timeout"}
+RUN_FLAGS = {"out_dir", "resume", "stop_after_epoch", "save_every", "workers", "device", "data_dir", "feature_data_dir",
+             "download", "distributed", "rank", "world_size", "local_rank", "master", "dist_timeout",
+             "checkpoint_minutes", "preset_given"}
 
 
-def save_checkpoint(model, optimizer, scaler, mixture, epoch, steps, args):
+def save_checkpoint(model, optimizer, scaler, mixture, epoch, steps, args, within=None):
     """Everything a resumed run needs to continue exactly: weights, the model's shape,
     optimiser, AMP scaler, mixture, epoch and step, every rank's RNG state, the flags. Rank 0 writes it
-    atomically (utils.atomic_save); every rank takes part in gathering the RNG states."""
+    atomically (utils.atomic_save); every rank takes part in gathering the RNG states.
+    within: a mid-epoch checkpoint (Stop) after `step` steps of epoch `epoch`: "epoch" then
+    counts the epochs completed, and it also holds the epoch's E-step tables (assignment:
+    ImageNet N x s = 1.28M x 3 nbr and w, 46 MB) and its loss sums so far."""
     rng = utils.gather_rng(args)
     if not args.master:
         return
+    done = epoch + (within is None)
+    if within and within["assignment"] is not None:
+        within = within | {"assignment": {k: v.cpu() for k, v in dataclasses.asdict(within["assignment"]).items()}}
     ckpt = {"model": model.state_dict(), "model_config": dataclasses.asdict(model_config(args)),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "mixture": mixture.state_dict() if mixture.centroids is not None else None,
-            "epoch": epoch + 1, "step": (epoch + 1) * steps, "args": utils.saved_args(args), "rng": rng}
+            "epoch": done, "step": epoch * steps + (within["step"] if within else steps), "within": within,
+            "args": utils.saved_args(args), "rng": rng}
     paths = [os.path.join(args.out_dir, "checkpoint.pth")]
-    if args.save_every and (epoch + 1) % args.save_every == 0:
+    if within is None and args.save_every and (epoch + 1) % args.save_every == 0:
         paths.append(os.path.join(args.out_dir, f"checkpoint_epoch{epoch + 1}.pth"))
     utils.atomic_save(ckpt, *paths)
 
@@ -420,14 +562,14 @@ def log_epoch(record, mixture, merge, times, t_epoch, args):
 
 def resume(ckpt, path, model, optimizer, scaler, mixture, args):
     """--resume auto / PATH: load everything save_checkpoint wrote and return the epoch to
-    start from (0 without a checkpoint). The model flags must match the checkpoint's; every
+    start from (0 without a checkpoint) and, for a mid-epoch checkpoint, where in it. The model flags must match the checkpoint's; every
     other flag comes from this command line, as in MoCo v3 (a new lambda, a longer
     --epochs), and a resumed run says which differ. The log is cut back to the checkpoint's
     epoch, so an epoch logged but not saved before a crash is not logged twice."""
     if ckpt is None:
         if args.master:   # a fresh run: an old run's lines would mix into Fig. 2's K curve
             utils.trim_log(os.path.join(args.out_dir, "log.jsonl"), 0)
-        return 0
+        return 0, None
     saved = ckpt["args"]
     mine = dataclasses.asdict(model_config(args)) | {"data": args.data}
     for k, was in (ckpt["model_config"] | {"data": saved["data"]}).items():
@@ -453,10 +595,12 @@ def resume(ckpt, path, model, optimizer, scaler, mixture, args):
         utils.set_rng_state(ckpt["rng"][args.rank], args.device)
     else:   # more processes than saved the checkpoint: a stream of its own, not a copy of rank 0's
         utils.seed_all(args.seed + args.rank + 1000 * ckpt["epoch"])
+    within = ckpt.get("within")
     if args.master:
         utils.trim_log(os.path.join(args.out_dir, "log.jsonl"), ckpt["epoch"])
-        print(f"resumed from {path} at epoch {ckpt['epoch']}")
-    return ckpt["epoch"]
+        at = f", step {within['step']} of epoch {ckpt['epoch'] + 1}" if within else ""
+        print(f"resumed from {path} at epoch {ckpt['epoch']}{at}")
+    return ckpt["epoch"], within
 
 
 # ----------------------------------------------------------------------------- main
@@ -477,11 +621,13 @@ def train(args):
         torch.backends.cudnn.allow_tf32 = True
 
     # ---- data: labels are never used below
-    train_set = data.subset(data.load_dataset(args.data, args.data_dir, "train",
-                                              data.train_transform(args.img_size, args.crop_min),
-                                              args.download), args.subset, args.seed)
-    feat_set = data.subset(data.load_dataset(args.data, args.data_dir, "train",
-                                             data.eval_transform(args.data, args.img_size)), args.subset, args.seed)
+    train_set = data.load_dataset(args.data, args.data_dir, "train", data.train_transform(args.img_size, args.crop_min),
+                                  args.download)
+    feat_set = data.load_dataset(args.data, args.feature_data_dir or args.data_dir, "train",
+                                 data.eval_transform(args.data, args.img_size))
+    if args.feature_data_dir:
+        data.check_same_files(train_set, feat_set)
+    train_set, feat_set = data.subset(train_set, args.subset, args.seed), data.subset(feat_set, args.subset, args.seed)
     N = len(train_set)
     if args.batch_size > N:
         raise UserError(f"--batch-size {args.batch_size} is larger than the data set (N = {N}): use a smaller batch")
@@ -490,11 +636,7 @@ def train(args):
                         f"({args.world_size}), at least 2 per process (BN)")
     if args.num_clusters > N:
         raise UserError(f"--num-clusters {args.num_clusters} is larger than the data set (N = {N}): use fewer clusters")
-    sampler = torch.utils.data.DistributedSampler(train_set, args.world_size, args.rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // args.world_size, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=args.device.type == "cuda",
-                                         drop_last=True)  # workers re-seeded from the (checkpointed) RNG each epoch
+    sampler, loader = data.train_loader(train_set, args.batch_size // args.world_size, args)
     feat_loader = data.feature_loader(feat_set, args.feature_batch_size, args)
 
     # ---- model, optimiser, mixture
@@ -505,32 +647,59 @@ def train(args):
     scaler = torch.amp.GradScaler("cuda", enabled=args.device.type == "cuda" and args.amp == "fp16")
     mixture = VMFMixture(args.dim, args.num_clusters, kappa=args.kappa, pca_dim=args.pca_dim, init_iters=args.init_iters,
                          kmeans_iters=args.kmeans_iters, reinit_centroids=args.reinit_centroids, nredo=args.nredo,
-                         kappa_clip=args.kappa_clip, seed=args.seed, device=args.device)
-    start_epoch = resume(*utils.open_run(args, "train.py", {"model", "model_config", "args", "epoch"}), module,
-                         optimizer, scaler, mixture, args)
+                         kappa_clip=args.kappa_clip, births=args.births, seed=args.seed, device=args.device)
+    start_epoch, within = resume(*utils.open_run(args, "train.py", {"model", "model_config", "args", "epoch"}), module,
+                                 optimizer, scaler, mixture, args)
+    stop = Stop(args, lambda epoch, steps, within: save_checkpoint(module, optimizer, scaler, mixture, epoch, steps,
+                                                                   args, within))
+    if args.master and preset_note(args):
+        print(preset_note(args), flush=True)
     if args.master:
         print(f"SiamMM | {args.arch} on {args.data} (N = {N}) | {args.world_size} x {args.device.type} | "
               f"batch {args.batch_size} | {args.epochs} epochs | K0 = {args.num_clusters} | E-step search: {search_backend(args.device)}")
         with open(os.path.join(args.out_dir, "args.json"), "w") as f:   # an OSError: one line (utils.guard)
             json.dump(utils.saved_args(args), f, indent=1)
 
-    # ---- the epochs: sec. 5.1's four steps
-    for epoch in range(start_epoch, args.epochs):
-        t_epoch, times = time.time(), {}
-        sampler.set_epoch(epoch)
-        assignment = None
-        if epoch >= args.cluster_warmup_epochs and args.cluster_weight > 0:
-            assignment = cluster_step(module, mixture, feat_loader, N, args, times)                       # 1, 2
-        record = {"epoch": epoch + 1} | train_one_epoch(model, loader, optimizer, scaler, assignment, epoch, args, times)  # 3
-        merge = merge_step(mixture, args, times) if assignment else None                                # 4
-        log_epoch(record, mixture, merge, times, t_epoch, args)
-        save_checkpoint(module, optimizer, scaler, mixture, epoch, len(loader), args)
-        if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch:
-            break
+    try:
+        run_epochs(model, module, optimizer, scaler, mixture, sampler, loader, feat_loader, N, start_epoch, within,
+                   stop, args)
+    finally:
+        stop.close()
+        data.shutdown_workers(loader)
     if args.distributed:
         dist.barrier()
         dist.destroy_process_group()
     return mixture
+
+
+def run_epochs(model, module, optimizer, scaler, mixture, sampler, loader, feat_loader, N, start_epoch, within,
+               stop, args):
+    """The epochs: sec. 5.1's four steps each, then the log line and the checkpoint."""
+    steps = len(loader)
+    for epoch in range(start_epoch, args.epochs):
+        t_epoch, times, start = time.time(), {}, None
+        if within:   # resumed mid-epoch: this epoch's E-step and loss sums come from the checkpoint
+            sampler.set_epoch(epoch, within["step"] * (args.batch_size // args.world_size))
+            a = within["assignment"]
+            assignment = Assignment(**{k: v.to(args.device) for k, v in a.items()}) if a else None
+            meter = LossMeter(args.device, skips_allowed=scaler.is_enabled())
+            meter.load_state_dict(within["meter"], args.rank, args.world_size)
+            start, within = (within["step"], meter), None
+        else:
+            sampler.set_epoch(epoch)
+            assignment = None
+            if epoch >= args.cluster_warmup_epochs and args.cluster_weight > 0:
+                assignment = cluster_step(module, mixture, feat_loader, N, args, times)                   # 1, 2
+        record = {"epoch": epoch + 1} | train_one_epoch(model, loader, optimizer, scaler, assignment, epoch, args,
+                                                        times, stop, start)                                # 3
+        merge = merge_step(mixture, record["view_distance"], args, times) if assignment else None        # 4
+        log_epoch(record, mixture, merge, times, t_epoch, args)
+        stop.checkpoint(epoch, steps)
+        signum, _ = stop.poll(args)   # a signal during the last step: the epoch is saved, stop here
+        if signum:
+            stop.exit(signum, f"the end of epoch {epoch + 1}", args)
+        if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch:
+            break
 
 
 if __name__ == "__main__":

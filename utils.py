@@ -49,8 +49,11 @@ def guard(prog, run, args):
         fail(prog, f"{e.filename or 'a file'}: {e.strerror or e}")
     except Exception as e:
         if is_dist_timeout(e):
-            fail(prog, f"rank {getattr(args, 'rank', 0)} waited {args.dist_timeout:g} min for the other processes: "
-                       "one of them stopped or was lost; see its log, then resume with --resume auto")
+            # The waiting rank cannot tell which peer stopped (NCCL and gloo only time out);
+            # torchrun's error summary names the rank whose process ended first.
+            fail(prog, f"rank {getattr(args, 'rank', 0)} waited {args.dist_timeout:g} min for another process, "
+                       "which stopped or was lost (torchrun's error summary names it): see its log, then rerun "
+                       "the same command to resume")
         raise
     finally:
         if getattr(args, "lock", None):   # OUT_DIR's lock (take_lock): the process may go on (main() from Python)
@@ -168,6 +171,14 @@ def autocast(device, amp="bf16"):
     if device.type != "cuda" or amp == "none":
         return torch.autocast("cpu", enabled=False)
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def default_workers(cap=10):
+    """Loader processes per training/evaluation process: the cores this process may use over
+    the processes of this node (torchrun's LOCAL_WORLD_SIZE), at most `cap` (MoCo v3 uses
+    10 per GPU on 80-core nodes), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(cap, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def distributed():
@@ -293,6 +304,7 @@ def open_run(args, program, keys):
     otherwise resume on some ranks and start afresh on others, and the replicas would drift
     apart without a word. Returns the checkpoint (or None) and its path."""
     path = os.path.join(args.out_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
+    path = None if path == "none" else path   # --resume none: start afresh
     problem, ckpt = None, None
     try:
         if args.master:

@@ -3,7 +3,7 @@ How well the mislabel report of evaluate.py (sec. 6.8) finds wrong labels: a see
 of a checkpoint's training labels is flipped to another class on purpose, and each vote
 (`evaluate.py --mislabel-votes`) ranks the suspects from the frozen features.
 
-    python bench/bench_mislabels.py --checkpoint runs/siammm/checkpoint.pth
+    python bench/bench_mislabels.py --checkpoint runs/cpu/checkpoint.pth
     python bench/bench_mislabels.py --checkpoint ckpt.pth --flip 0.05 --knn-k 10,20,50 --train-subset 10000
 
 Per vote: the suspects flagged, the share of the flipped images among them (recall), and

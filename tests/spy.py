@@ -83,11 +83,12 @@ def install(patch):
 
     save = train.save_checkpoint
 
-    def spy_save(model, optimizer, scaler, mixture, epoch, steps, args):
-        rec["epochs"].append({"params": digest(p for _, p in sorted(model.named_parameters())),
-                              "mixture": {k: v.clone() for k, v in mixture.state_dict().items()
-                                          if isinstance(v, torch.Tensor)} if mixture.centroids is not None else None})
-        return save(model, optimizer, scaler, mixture, epoch, steps, args)
+    def spy_save(model, optimizer, scaler, mixture, epoch, steps, args, within=None):
+        if within is None:   # an epoch's end (a mid-epoch checkpoint is not an epoch)
+            rec["epochs"].append({"params": digest(p for _, p in sorted(model.named_parameters())),
+                                  "mixture": {k: v.clone() for k, v in mixture.state_dict().items()
+                                              if isinstance(v, torch.Tensor)} if mixture.centroids is not None else None})
+        return save(model, optimizer, scaler, mixture, epoch, steps, args, within)
     patch(train, "save_checkpoint", spy_save)
     return rec
 

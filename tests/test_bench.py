@@ -27,3 +27,15 @@ def test_check_faiss_gpu_compares_the_searches_it_can_run():
     assert out.returncode == 0, out.stderr
     assert "CUDA libraries loaded:" in out.stdout
     assert "torch search on cpu: same nearest centroid as CPU Faiss for 100.0000% of queries" in out.stdout
+
+
+def test_check_gpu_data_runs_its_measurements_on_the_cpu():
+    """The GPU data check's code path (decode_jpeg, the batched crops, the ResNet-50 step, the
+    feature pass in two precisions) on a CPU, small: it must run as prepared on the first GPU."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "check_gpu_data.py"), "--device", "cpu", "--n", "4",
+           "--batch", "4", "--size", "32"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr
+    for row in ("decode_jpeg on the CPU", "two random-resized crops", "train step, ResNet-50", "feature pass, fp32"):
+        assert row in out.stdout
+    assert "embedding cosine mean 1.00000" in out.stdout   # autocast is off on a CPU: bf16 = fp32 there

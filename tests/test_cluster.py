@@ -7,6 +7,7 @@ test starts two gloo processes on localhost.
 """
 
 import io
+import math
 import os
 import subprocess
 import sys
@@ -114,6 +115,7 @@ def with_state(D, centroids, counts=None, kappas=None, **kw):
     K = len(centroids)
     m.counts = torch.as_tensor(counts if counts is not None else [1] * K, dtype=torch.long)
     m.kappa = torch.as_tensor(kappas if kappas is not None else [1.0] * K, dtype=torch.float32)
+    m.rbar = torch.full((K,), 0.5, dtype=torch.float64)
     return m
 
 
@@ -339,6 +341,99 @@ def test_merge_many_pairs_each_cluster_at_most_once():
     merged, _ = mix.merge(merge_lambda=-0.5, neighbours=K - 1)
     assert merged == len(a) > 10 and mix.centroids.shape[0] == K - merged
     assert sorted(mix.counts.tolist()) == [1] * (K - 2 * merged) + [2] * merged
+
+
+# ---------------------------------------------------------------------------- the likelihood rule (bic, views)
+def test_vmf_loglik_is_the_sum_of_vmf_log_densities_at_the_mle():
+    """vmf_loglik(n, rbar, d) = n (log C_d(kappa) + kappa rbar) is sum_i log f(z_i | mu, kappa)
+    (eq. 3, 4) with mu the mean direction (eq. 6) and kappa eq. 7's estimate: scipy's vMF
+    log-density summed over the samples gives the same number."""
+    from scipy.stats import vonmises_fisher
+    rng = np.random.default_rng(0)
+    for d, kappa in ((16, 40.0), (64, 300.0), (128, 90.0)):
+        mu = rng.standard_normal(d)
+        mu /= np.linalg.norm(mu)
+        Z = sample_vmf(mu, kappa, 500, rng)
+        r = Z.sum(0)
+        rbar = np.linalg.norm(r) / len(Z)
+        k_hat = float(kappa_mle(torch.tensor(rbar, dtype=torch.float64), d))
+        direct = vonmises_fisher(r / np.linalg.norm(r), k_hat).logpdf(Z).sum()
+        got = float(cluster.vmf_loglik(torch.tensor(500.0, dtype=torch.float64), torch.tensor(rbar, dtype=torch.float64), d))
+        # log I_v by Debye's expansion (error O(1/v^2)): within 1e-5 relative of scipy's at d >= 16
+        assert got == pytest.approx(direct, rel=1e-5), (d, got, direct)
+
+
+def fitted(X, means, **kw):
+    """A mixture warm-started from the given centroids on X, after one fit (counts, rbar, kappa)."""
+    m = with_state(X.shape[1], means, kappa="mle", kmeans_iters=0, **kw)
+    m.fit(X, torch.arange(len(X)), len(X))
+    return m
+
+
+def test_bic_keeps_two_separated_components_and_merges_two_halves_of_one():
+    """Two vMF components 90 degrees apart, kappa 60 in D = 16: one component cannot explain
+    both, the rule keeps them. One component cut in two through its mean (two clusters whose
+    centroids are the halves' means): the two halves are one vMF, the rule merges them, and
+    the score is the hand-computed BIC difference."""
+    rng = np.random.default_rng(1)
+    e = np.eye(16)
+    two = torch.from_numpy(np.concatenate([sample_vmf(e[0], 60.0, 400, rng), sample_vmf(e[1], 60.0, 400, rng)])).float()
+    m = fitted(two, e[:2])
+    assert m.counts.tolist() == [400, 400]
+    assert m.merge(merge_rule="bic")[0] == 0 and m.centroids.shape[0] == 2
+    one = torch.from_numpy(sample_vmf(e[0], 60.0, 800, rng)).float()
+    side = one[:, 1] > 0
+    halves = torch.stack([F.normalize(one[side].mean(0), dim=0), F.normalize(one[~side].mean(0), dim=0)])
+    for _ in range(20):   # Lloyd to its fixed point, where each centroid is its members' mean direction
+        ids = torch.from_numpy(cluster.nearest_centroid(one.numpy(), halves.numpy())[1]).long()
+        halves = torch.stack([F.normalize(one[ids == i].double().sum(0), dim=0).float() for i in (0, 1)])
+    m = fitted(one, halves)
+    assert m.counts.sum() == 800 and m.counts.min() > 300           # two halves of about 400
+    # by hand: the halves' and the union's bias-corrected rbar, eq. 7, the loglik, the penalty
+    def ll(Z):
+        n = len(Z)
+        rb = math.sqrt(max(0.0, (float(Z.sum(0).norm()) ** 2 / n - 1) / (n - 1)))
+        return float(cluster.vmf_loglik(torch.tensor(float(n), dtype=torch.float64), torch.tensor(rb, dtype=torch.float64), 16))
+    a, b = (one[m.counts.new_tensor(cluster.nearest_centroid(one.numpy(), m.centroids.numpy())[1]) == i] for i in (0, 1))
+    want = 2 * (ll(a) + ll(b) - ll(one)) - 2 / math.pi * 800 * (1 + math.sqrt(16 / 800)) ** 2 - 17 * math.log(800)
+    rows, cols, d = search.close_pairs(m.centroids.numpy(), 2.5, 5)
+    assert cluster.bic_loss(m, rows, cols, d)[0] == pytest.approx(want, abs=2)   # of terms ~500: float32 centroids
+    assert want < 0
+    merged, _ = m.merge(merge_rule="bic")
+    assert merged == 1 and m.centroids.shape[0] == 1 and m.counts.tolist() == [800]
+
+
+def test_views_rule_merges_clusters_closer_than_two_views_and_otherwise_is_bic():
+    """The two separated components above (d = 1 between their centroids) are kept by the
+    likelihood; with views of one image farther apart than that (view_distance 1.1) they are
+    one cluster to the model; at view_distance 0 the rule is the BIC rule."""
+    rng = np.random.default_rng(1)
+    e = np.eye(16)
+    two = torch.from_numpy(np.concatenate([sample_vmf(e[0], 60.0, 400, rng), sample_vmf(e[1], 60.0, 400, rng)])).float()
+    assert fitted(two, e[:2]).merge(merge_rule="views", view_distance=0.0)[0] == 0
+    assert fitted(two, e[:2]).merge(merge_rule="views", view_distance=0.9)[0] == 0
+    m = fitted(two, e[:2])
+    merged, info = m.merge(merge_rule="views", view_distance=1.1)
+    assert merged == 1 and info["view_distance"] == 1.1
+
+
+def test_births_recover_a_component_that_merging_took():
+    """Three components, fitted with two centroids (one sits between components 1 and 2, as
+    after an over-merge): a fit with births seeds a centroid at the worst-explained samples,
+    the Lloyd iterations give it its component, and the likelihood keeps all three."""
+    rng = np.random.default_rng(2)
+    e = np.eye(16)
+    X = torch.from_numpy(np.concatenate([sample_vmf(e[i], 80.0, 300, rng) for i in range(3)])).float()
+    start = np.stack([e[0], (e[1] + e[2]) / np.sqrt(2)])
+    m = with_state(16, start, kappa="mle", kmeans_iters=10, births=0.5)
+    m.fit(X, torch.arange(900), 900)
+    assert m.born == 1 and m.centroids.shape[0] == 3
+    assert sorted(m.counts.tolist()) == [300, 300, 300]
+    m.merge(merge_rule="bic")
+    assert m.centroids.shape[0] == 3
+    still = with_state(16, start, kappa="mle", kmeans_iters=10)         # no births: two clusters stay two
+    still.fit(X, torch.arange(900), 900)
+    assert still.centroids.shape[0] == 2 and still.born == 0
 
 
 def test_greedy_matching_equals_python_loop():
@@ -649,6 +744,11 @@ WORKER = textwrap.dedent("""
         out["fit2"] = [m.centroids.clone(), m.counts.clone(), m.kappa.clone(), m.objective, m.n_iter]
         merged, info = m.merge(merge_lambda=1.0)
         out["merge"] = [merged, info["merge_threshold"], m.centroids.clone(), m.counts.clone(), m.kappa.clone()]
+        b = VMFMixture(X.shape[1], 24, kappa="pca", pca_dim=8, init_iters=30, births=0.25, seed=0)
+        b.fit(X, idx, N)
+        b.fit(X2, idx, N)                                    # births: each rank proposes, all pick the same
+        merged, _ = b.merge(merge_rule="views", view_distance=0.05)
+        out["views"] = [b.born, merged, b.centroids.clone(), b.counts.clone(), b.rbar.clone()]
         out["assign"] = list(m.assign(X2, s=3, tau=0.2)) + [idx]
         t = m.assignment_table(X2, idx, N, s=3, tau=0.2)     # every row, on every rank
         out["table"] = [t.nbr, t.w]
@@ -712,7 +812,12 @@ def test_two_gloo_processes_match_one_process(tmp_path, shard):
         assert out["merge"][0] == single["merge"][0] and abs(out["merge"][1] - single["merge"][1]) < 1e-6
         assert torch.allclose(out["merge"][2], single["merge"][2], atol=1e-5)
         assert torch.equal(out["merge"][3], single["merge"][3])
+        assert out["views"][:2] == single["views"][:2]                   # births and merges
+        assert torch.allclose(out["views"][2], single["views"][2], atol=1e-5)
+        assert torch.equal(out["views"][3], single["views"][3])
+        assert torch.allclose(out["views"][4], single["views"][4], atol=1e-6)
     assert single["merge"][0] > 0                            # the comparison covered a real merge
+    assert single["views"][0] > 0 and single["views"][1] > 0  # ... and real births and merges
     assert single["fit1"][1].sum() == len(X) and single["fit1"][0].shape[0] == 12
     # assignments: each rank's shard, put back in dataset order
     nbr = torch.empty_like(single["assign"][0])

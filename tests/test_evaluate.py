@@ -432,3 +432,19 @@ def test_unreadable_image_in_a_worker_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].startswith("evaluate.py: error: cannot read image") and "broken.png" in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_mislabel_votes_auto_takes_the_self_knn_up_to_its_limit_only():
+    """--mislabel-votes auto (the default): the leave-one-out kNN vote for a report split of
+    up to SELF_KNN_MAX images, the cluster vote above (ImageNet's train split)."""
+    args = ev.get_args(["--backbone", "x.pth", "--no-raw", "--device", "cpu", "--data", "fashion-mnist"])
+    args.device, args.img_size = torch.device("cpu"), 16
+    assert args.mislabel_votes == "auto"
+    ev.plan(1000, 100, 8, 0, 10, args)
+    assert args.mislabel_votes == "knn"
+    ev.plan(ev.SELF_KNN_MAX + 1, 100, 8, 0, 10, args)
+    assert args.mislabel_votes == "cluster"
+    args = ev.get_args(["--backbone", "x.pth", "--no-raw", "--mislabel-votes", "knn", "--data", "fashion-mnist"])
+    args.device, args.img_size = torch.device("cpu"), 16
+    ev.plan(1000, 100, 8, 0, 10, args)
+    assert args.mislabel_votes == "knn" and args.amp == "none"   # evaluation in fp32 unless asked

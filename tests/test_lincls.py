@@ -57,6 +57,8 @@ def test_seeded_views_do_not_depend_on_the_process_rng():
     assert not torch.equal(a[0], a[1])                      # another image index, another view
     ds.epoch = 1
     assert not torch.equal(ds[0][0], a[0])                  # another epoch, another view
+    ds.epoch = 2                                            # (a seed packed above torch's 32 bits
+    assert not torch.equal(ds[0][0], a[0])                  # repeated the views every 2 epochs)
     state = torch.get_rng_state()
     ds[0]
     assert torch.equal(state, torch.get_rng_state())        # the caller's RNG is left as it was

@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 def pass_args(**kw):
     """The flags data.feature_loader / train.feature_pass read, for one process."""
     return types.SimpleNamespace(**(dict(feature_batch_size=40, rank=0, world_size=1, seed=0, workers=0, device=CPU,
-                                         master=False, data="folder", amp="none", feature_bn="batch",
+                                         master=False, data="folder", amp="none", feature_amp="none", feature_bn="batch",
                                          local_group=None, dim=16) | kw))
 
 
@@ -126,3 +126,29 @@ def test_imagenet_preset_under_torchrun_on_a_sorted_jpeg_folder(tmp_path):
     assert out["learned_clusters"]["K_mixture"] == len(a["mixture"]["centroids"])
     assert two_procs["device"] == "2 x cpu" and two_procs["knn"] == out["knn"]
     assert two_procs["learned_clusters"] == out["learned_clusters"] and two_procs["raw_pixels"] == out["raw_pixels"]
+
+
+@needs_fmnist
+def test_the_feature_pass_reads_a_resized_copy_that_lists_the_same_images(sorted_folder, tmp_path, capsys):
+    """train.py --feature-data-dir: a copy made by data.resized_copy (here to 20 px, from 28)
+    trains; a copy missing an image stops at the start with one line."""
+    copy = str(tmp_path / "copy")
+    assert data.resized_copy(sorted_folder, copy, side=20, workers=1) == 240
+    img = data.load_image(os.path.join(copy, os.path.relpath(data.ImageFolder(os.path.join(sorted_folder, "train"))
+                                                              .samples[0][0], sorted_folder)))
+    assert img.size == (20, 20)
+    flags = ["--data", "folder", "--data-dir", sorted_folder, "--subset", "0", "--batch-size", "40", "--epochs", "1",
+             "--img-size", "16", "--workers", "0", "--proj-hidden", "32", "--pred-hidden", "32", "--dim", "16",
+             "--num-clusters", "12", "--feature-data-dir", copy]
+    train.main(flags + ["--out-dir", str(tmp_path / "ok")])
+    assert json.loads(open(tmp_path / "ok" / "log.jsonl").readline())["K"] > 0
+    first = sorted(os.listdir(os.path.join(copy, "train")))[0]
+    gone = sorted(os.listdir(os.path.join(copy, "train", first)))[3]
+    os.remove(os.path.join(copy, "train", first, gone))
+    capsys.readouterr()
+    try:
+        train.main(flags + ["--out-dir", str(tmp_path / "bad")])
+    except SystemExit as e:
+        assert e.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("train.py: error: --feature-data-dir") and "does not hold the same images" in err

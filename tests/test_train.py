@@ -227,6 +227,14 @@ def test_missing_data_path(tmp_path, capsys):
     assert "does not exist" in msg
 
 
+def test_data_dir_that_is_a_file_and_pca_dim_above_dim(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    msg = error_line(capsys, TINY + ["--data-dir", str(tmp_path / "f"), "--out-dir", str(tmp_path / "o")])
+    assert "is a file" in msg
+    msg = error_line(capsys, TINY + ["--pca-dim", "32", "--out-dir", str(tmp_path / "o")])   # TINY: --dim 16
+    assert "--pca-dim 32 is larger than --dim 16" in msg
+
+
 def test_empty_folder(tmp_path, capsys):
     (tmp_path / "imgs" / "train").mkdir(parents=True)
     msg = error_line(capsys, TINY + ["--data", "folder", "--data-dir", str(tmp_path / "imgs"), "--out-dir", str(tmp_path / "o")])
@@ -368,14 +376,14 @@ def test_loss_meter_lets_fp16_skip_a_step_but_not_diverge():
     nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
     m = train.LossMeter(torch.device("cpu"), skips_allowed=True)
     for loss in (one, nan, one * 3):
-        m.add(loss, loss.clone(), torch.tensor(0.0))
-    assert m.check() is None and m.means() == [2.0, 2.0, 0.0]
+        m.add(loss, loss.clone(), torch.tensor(0.0), loss / 4)
+    assert m.check() is None and m.means() == [2.0, 2.0, 0.0, 0.5]
     for _ in range(20):
-        m.add(nan, nan, nan)
+        m.add(nan, nan, nan, nan)
     assert "20 steps in a row" in m.check()
     strict = train.LossMeter(torch.device("cpu"))
-    strict.add(one, one, one)
-    strict.add(nan, nan, nan)
+    strict.add(one, one, one, one)
+    strict.add(nan, nan, nan, nan)
     assert "1 of the last 2 steps" in strict.check()
 
 
@@ -416,4 +424,4 @@ def test_fp16_resume_from_a_checkpoint_without_scaler_state():
     assert ckpt["scaler"] == {}
     scaler = torch.amp.GradScaler("cpu", enabled=True)          # what an fp16 run builds (on CUDA)
     start = train.resume(ckpt, "ckpt.pth", model, opt, scaler, VMFMixture(16, 24), args)
-    assert start == 3 and scaler.get_scale() == 65536.0          # a fresh scaler, its default scale
+    assert start == (3, None) and scaler.get_scale() == 65536.0          # a fresh scaler, its default scale
