@@ -23,6 +23,13 @@ A quick look on subsets (the default is the full train split -> the full val spl
 An exported backbone (SiamMM.export_backbone):
     $ python evaluate.py --backbone r50.pth --arch resnet50 --data imagenet --data-dir /datasets/imagenet
 
+Under torchrun the ranks share the decoding (the cost: 1.28M + 50k images); what follows runs
+on rank 0, where ImageNet's kNN (50k x 1.28M x 2048, 0.26 PFLOP in fp32) and the quick probe
+(100 epochs of a 2048 x 1000 layer, ~1.6 PFLOP) take seconds to a minute on one GPU (estimated:
+H100 fp32), too little to gain from sharding. The self-kNN of the mislabel vote would be
+6.7 PFLOP over the train split: --mislabel-votes auto takes the cluster vote above 200,000
+report images.
+
 Scale (ImageNet: 1.28M train images, 2048-d features): every image is decoded once, and its
 backbone feature, momentum embedding and raw pixels come from that one view. Features are
 kept in half precision (5.2 GB for the train split), raw pixels in uint8 (3.9 GB at 32 px),
