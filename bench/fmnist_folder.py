@@ -44,14 +44,37 @@ def write_class_folder(root, per_class=0, val_per_class=0, classes=10, fmt="png"
     return str(root)
 
 
+def write_digits_folder(root, seed=0):
+    """scikit-learn's bundled digits (1,797 images of 8 x 8, 10 classes) as a class-sorted
+    folder: a seeded 80 / 20 split into train/ and val/, grey levels 0-16 scaled to 0-255 PNG.
+    A second real data set of known class count that the CPU default was not tuned on."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    idx = np.random.default_rng(seed).permutation(len(d.target))
+    cut = int(0.8 * len(idx))
+    for split, ids in (("train", idx[:cut]), ("val", idx[cut:])):
+        for i in sorted(ids, key=lambda i: (d.target[i], i)):
+            folder = os.path.join(root, split, str(d.target[i]))
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).save(os.path.join(folder, f"{i:04d}.png"))
+    return root
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--out", required=True, help="folder to write (train/ and val/ inside)")
-    p.add_argument("--per-class", type=int, default=0, help="images per class and split (0 = all)")
+    p.add_argument("--per-class", type=int, default=0, help="train images per class (0 = all)")
+    p.add_argument("--val-per-class", type=int, help="val images per class (default: --per-class)")
+    p.add_argument("--classes", type=int, default=10, help="the first N Fashion-MNIST classes")
     p.add_argument("--format", default="png", choices=["png", "jpg"])
+    p.add_argument("--digits", action="store_true", help="scikit-learn's digits instead of Fashion-MNIST")
     args = p.parse_args()
-    for _ in tqdm([0], desc=f"writing {args.out}"):
-        write_class_folder(args.out, args.per_class, args.per_class, fmt=args.format)
+    if args.digits:
+        write_digits_folder(args.out)
+    else:
+        val = args.per_class if args.val_per_class is None else args.val_per_class
+        for _ in tqdm([0], desc=f"writing {args.out}"):
+            write_class_folder(args.out, args.per_class, val, classes=args.classes, fmt=args.format)
     print(f"wrote {args.out}/train and {args.out}/val")
 
 
