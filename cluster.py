@@ -241,15 +241,21 @@ def bic_loss(mixture, rows, cols, d):
     return (gain - split - (dim + 1) * math.log(float(n.sum()))).numpy()
 
 
+def bic_candidates(mixture, neighbours=5):
+    """Each centroid's `neighbours` nearest centroids as candidate pairs (rows, cols, d) and
+    their bic_loss scores."""
+    rows, cols, d = search.close_pairs(mixture.centroids.numpy(), 2.5, neighbours, seed=mixture.seed,
+                                       device=mixture.device)
+    return rows, cols, d, bic_loss(mixture, rows, cols, d)
+
+
 def merge_pairs_bic(mixture, neighbours=5, **_):
     """The mixture model's own test: merge clusters j and k when one vMF component explains
     their samples as well as two (bic_loss < 0). Candidates are each centroid's `neighbours`
     nearest centroids; the pairs that lose the least likelihood merge first. On fixed
     features of known K it ends at K (bench/bench_kstop.py); in training it keeps more
     clusters than classes, since the cluster loss makes every cluster compact (eq. 9)."""
-    rows, cols, d = search.close_pairs(mixture.centroids.numpy(), 2.5, neighbours, seed=mixture.seed,
-                                       device=mixture.device)
-    score = bic_loss(mixture, rows, cols, d)
+    rows, cols, _, score = bic_candidates(mixture, neighbours)
     ok = score < 0
     return rows[ok], cols[ok], score[ok], {"merge_candidates": int(ok.sum())}
 
@@ -262,9 +268,8 @@ def merge_pairs_views(mixture, view_distance=0.0, neighbours=5, **_):
     than that are not distinct to it, however compact the cluster loss has made them. The
     spread of the views shrinks as training goes on, so K may have to grow back: the rule is
     meant with birth moves (VMFMixture's births). Closest pairs merge first."""
-    rows, cols, d = search.close_pairs(mixture.centroids.numpy(), 2.5, neighbours, seed=mixture.seed,
-                                       device=mixture.device)
-    ok = (bic_loss(mixture, rows, cols, d) < 0) | (d < view_distance)
+    rows, cols, d, score = bic_candidates(mixture, neighbours)
+    ok = (score < 0) | (d < view_distance)
     return rows[ok], cols[ok], d[ok], {"merge_candidates": int(ok.sum()), "view_distance": view_distance}
 
 

@@ -345,6 +345,17 @@ def sample_seed(seed, epoch, i):
     return int(np.random.SeedSequence([seed, epoch, i]).generate_state(1)[0])
 
 
+def seeded(seed, epoch, i, fn, *args):
+    """fn(*args) with torch's RNG seeded for image i in that epoch (sample_seed), the caller's
+    RNG state put back after: the one mechanism behind train.py's and lincls.py's views."""
+    state = torch.get_rng_state()
+    torch.manual_seed(sample_seed(seed, epoch, i))
+    try:
+        return fn(*args)
+    finally:
+        torch.set_rng_state(state)
+
+
 class SeededSamples(torch.utils.data.Dataset):
     """ds[i], its random augmentation drawn from torch's generator seeded by (seed, epoch, i)
     alone (the caller's RNG state is put back after). A sample's two views thus depend on
@@ -362,12 +373,7 @@ class SeededSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         seed, epoch, i = key
-        state = torch.get_rng_state()
-        torch.manual_seed(sample_seed(seed, epoch, i))
-        try:
-            return self.ds[i]
-        finally:
-            torch.set_rng_state(state)
+        return seeded(seed, epoch, i, self.ds.__getitem__, i)
 
 
 def ignore_stop_signals(worker_id, term=True):

@@ -112,7 +112,7 @@ class SeededViews(torch.utils.data.Dataset):
     """A data set whose random augmentation of image i in epoch e is drawn from a generator
     seeded by (seed, e, i), never from the process's RNG: the views are the same whatever
     the number of processes, loader workers or restarts. The global RNG of the caller is
-    left as it was (fork_rng), so a loader without workers does not disturb it."""
+    left as it was (data.seeded), so a loader without workers does not disturb it."""
 
     def __init__(self, ds, transform, seed):
         self.ds, self.transform, self.seed, self.epoch = ds, transform, seed, 0
@@ -122,9 +122,7 @@ class SeededViews(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         img, label, _ = self.ds[i]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(data.sample_seed(self.seed, self.epoch, i))
-            return self.transform(img), label, i
+        return data.seeded(self.seed, self.epoch, i, lambda: (self.transform(img), label, i))
 
 
 def train_transform(args):

@@ -327,7 +327,7 @@ class LossMeter:
         """For a mid-epoch checkpoint: every rank's sums so far (world x 5; a collective, every
         rank calls it); the divergence counters are this rank's."""
         sums = [self.sums.clone()]
-        if dist.is_available() and dist.is_initialized():
+        if utils.distributed():
             sums = [torch.zeros_like(self.sums) for _ in range(dist.get_world_size())]
             dist.all_gather(sums, self.sums.to(utils.reduce_device()).clone())
         return {"sums": torch.stack(sums).cpu(), "bad": self.bad.cpu(), "bad_run": self.bad_run.cpu(),
