@@ -177,6 +177,22 @@ def load_dataset(name, data_dir, split, transform=None, download=False):
         raise UserError(f"{root} holds no images in class sub-folders ({e})") from None
 
 
+def fingerprint(ds):
+    """What identifies a training set wherever it lives (a resume may read it from another
+    folder, e.g. a copy on a node's local disk): the number of images, of classes, and a hash
+    of the images' paths relative to the split (ImageFolder) or of the first 1,000 images'
+    bytes (Fashion-MNIST's idx files). Cheap: no image is decoded."""
+    import hashlib
+    h = hashlib.sha1()
+    if hasattr(ds, "samples"):
+        for p, y in ds.samples:
+            h.update(f"{os.path.relpath(p, ds.root)}\t{y}\n".encode())
+    else:
+        h.update(np.ascontiguousarray(ds.images[:1000]).tobytes())
+    classes = len(getattr(ds, "classes", None) or []) or int(torch.as_tensor(ds.targets).max()) + 1
+    return f"{len(ds)} images of {classes} classes, #{h.hexdigest()[:12]}"
+
+
 def check_same_classes(train_set, val_set):
     """The val split must name its classes as train does: ImageFolder numbers the classes of
     each folder by sorted name, so a class missing from one split would shift every label
@@ -189,16 +205,36 @@ def check_same_classes(train_set, val_set):
 
 
 # ----------------------------------------------------------------------------- transforms
-def check_same_files(ds, copy):
+def check_same_files(ds, copy, img_size, sample=16, seed=0):
     """A resized copy (--feature-data-dir) must list the same images in the same order as
-    the data it stands for: the feature pass's row i is training image i."""
+    the data it stands for: the feature pass's row i is training image i. Then, on a seeded
+    sample of `sample` images (seconds at any N): each copy is large enough for the
+    evaluation view at img_size (its shorter side at least the view's resize, unless the
+    original is smaller still: a copy made with too small a --side would blur every
+    feature), and shows the same picture: the original resized to the copy's size, as
+    data.py makes it, differs by less than 12/255 a pixel on average (JPEG q95: ~2-3/255;
+    another image: tens)."""
     rel = [os.path.relpath(p, ds.root) for p, _ in ds.samples]
     rel_copy = [os.path.relpath(p, copy.root) for p, _ in copy.samples]
+    where = f"--feature-data-dir {os.path.dirname(copy.root)}"
     if rel != rel_copy:
         diff = next((a, b) for a, b in zip(rel + [None], rel_copy + [None]) if a != b)
-        raise UserError(f"--feature-data-dir {os.path.dirname(copy.root)} does not hold the same images as --data-dir "
+        raise UserError(f"{where} does not hold the same images as --data-dir "
                         f"({len(rel_copy)} against {len(rel)}; first difference: {diff[1]} for {diff[0]}): "
                         "make it with python data.py SRC DST")
+    need = int(img_size * 256 / 224)   # eval_transform's resize
+    picks = torch.randperm(len(rel), generator=torch.Generator().manual_seed(seed))[:sample].tolist()
+    for i in sorted(picks):
+        orig, small = ds.image(i), copy.image(i)
+        side, side_orig = min(small.size), min(orig.size)
+        if side < min(need, side_orig):
+            raise UserError(f"{where}: {rel_copy[i]} is {small.size[0]} x {small.size[1]}, too small for the "
+                            f"{img_size} px view (shorter side at least {need}): make the copy with --side 256 or more")
+        ref = T.functional.resize(orig, side) if side < side_orig else orig
+        diff = np.abs(np.asarray(ref, np.float32) - np.asarray(small, np.float32)).mean() if ref.size == small.size else 255
+        if diff > 12:
+            raise UserError(f"{where}: {rel_copy[i]} is not a copy of {rel[i]} in --data-dir (pixels differ by "
+                            f"{diff:.0f}/255 on average): make the copy again with python data.py SRC DST")
 
 
 class Solarize:
@@ -269,7 +305,33 @@ class TwoViews:
         return self.t1(img), self.t2(img)
 
 
-def train_transform(size, crop_min=0.08):
+def shapes_view(size, crop_min=0.2, hflip=0.0, rotate=15.0):
+    """One view for small grayscale shapes (digits, garments at 16-28 px), symmetric for both
+    views. MoCo v3's colour operations were made for ImageNet photographs: on one channel
+    saturation, hue and grayscale do nothing, solarising inverts a dark background into a
+    white one, and a blur sized for 16 px (data.GaussianBlur) is below a pixel. What varies
+    a handwritten digit or a garment's silhouette is its pose, stroke and exposure: a
+    random-resized crop, a small rotation and shift (as IIC and NMCE augment MNIST), and
+    brightness/contrast. hflip: the flip probability; 0 where a mirror image changes the class
+    (digits 2 / 5, letters), 0.5 where it does not (garments)."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(crop_min, 1.0)),
+        T.RandomAffine(degrees=rotate, translate=(0.1, 0.1)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4)], p=0.8),
+        T.RandomHorizontalFlip(hflip),
+        T.PILToTensor(),
+    ])
+
+
+# --aug: the two views of a training image (train.py)
+AUGMENTATIONS = ("moco", "shapes")
+
+
+def train_transform(size, crop_min=0.08, aug="moco", hflip=0.5, rotate=15.0):
+    """The two training views. moco: MoCo v3's asymmetric pair (the paper's, sec. 5.1);
+    shapes: shapes_view twice, for small grayscale images."""
+    if aug == "shapes":
+        return TwoViews(shapes_view(size, crop_min, hflip, rotate), shapes_view(size, crop_min, hflip, rotate))
     return TwoViews(moco_v3_view(size, 1.0, 0.0, crop_min), moco_v3_view(size, 0.1, 0.2, crop_min))
 
 
@@ -443,12 +505,37 @@ class IndexedSubset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- a resized copy (FFCV-style)
 def _resize_file(job):
     src, dst, side, quality = job
-    img = load_image(src, draft=side)
+    try:
+        img = load_image(src, draft=side)
+    except Exception as e:   # PIL raises several types (a corrupt JPEG, a text file named .png)
+        return f"cannot read image {src}: {e}"
     w, h = img.size
     if min(w, h) > side:
         img = T.functional.resize(img, side)   # shorter side to `side`, antialiased like the evaluation view
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     img.save(dst, format="JPEG", quality=quality)
+    return None
+
+
+def check_copy_paths(src, dst, side):
+    """resized_copy's inputs, before anything is written: a destination equal to, inside or
+    containing the source would write JPEG bytes over the originals or into the source's own
+    splits (training on it would then read the copies as more images); SRC must be an image
+    folder with train/ and val/."""
+    if not os.path.isdir(src):
+        what = "is a file" if os.path.exists(src) else "does not exist"
+        raise UserError(f"SRC {src} {what}: give a folder with train/ and val/, one sub-folder per class")
+    missing = [s for s in ("train", "val") if not os.path.isdir(os.path.join(src, s))]
+    if missing:
+        raise UserError(f"SRC {src} has no {' or '.join(m + '/' for m in missing)}: give a folder with train/ and val/, "
+                        "one sub-folder per class")
+    a, b = os.path.realpath(src), os.path.realpath(dst)
+    if a == b or b.startswith(a + os.sep) or a.startswith(b + os.sep):
+        where = "is" if a == b else "is inside" if b.startswith(a + os.sep) else "contains"
+        raise UserError(f"DST {dst} {where} SRC {src}: the copy would overwrite or mix with the originals; "
+                        "give a folder outside SRC")
+    if side < 1:
+        raise UserError(f"--side {side}: the copy's shorter side must be at least 1 px (the evaluation view's: 256)")
 
 
 def resized_copy(src, dst, side=256, quality=95, workers=None):
@@ -460,6 +547,7 @@ def resized_copy(src, dst, side=256, quality=95, workers=None):
     import multiprocessing
 
     from tqdm import tqdm
+    check_copy_paths(src, dst, side)
     jobs = []
     for split in ("train", "val"):
         for root, _, files in os.walk(os.path.join(src, split)):
@@ -467,9 +555,13 @@ def resized_copy(src, dst, side=256, quality=95, workers=None):
                 if name.lower().endswith(datasets.folder.IMG_EXTENSIONS):
                     rel = os.path.relpath(os.path.join(root, name), src)
                     jobs.append((os.path.join(src, rel), os.path.join(dst, rel), side, quality))
+    if not jobs:
+        raise UserError(f"SRC {src} holds no images ({', '.join(datasets.folder.IMG_EXTENSIONS)}) under train/ and val/")
     with multiprocessing.Pool(workers) as pool:
-        for _ in tqdm(pool.imap_unordered(_resize_file, jobs, chunksize=64), total=len(jobs), desc="resizing"):
-            pass
+        for problem in tqdm(pool.imap_unordered(_resize_file, jobs, chunksize=64), total=len(jobs), desc="resizing"):
+            if problem:   # the first unreadable file stops the copy, named
+                pool.terminate()
+                raise UserError(problem + "; remove or replace it and run again (files already copied are rewritten)")
     return len(jobs)
 
 
@@ -483,4 +575,6 @@ if __name__ == "__main__":
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of the copy")
     p.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
     a = p.parse_args()
-    print(f"{resized_copy(a.src, a.dst, a.side, a.quality, a.workers)} images written to {a.dst}")
+    from utils import guard
+    guard("data.py", lambda a: print(f"{resized_copy(a.src, a.dst, a.side, a.quality, a.workers)} images written to "
+                                      f"{a.dst}"), a)

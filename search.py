@@ -3,7 +3,7 @@ Exact nearest-neighbour search, the one primitive under the E-step (each feature
 centroids), merging (each centroid's nearest centroids), kNN evaluation (each test image's
 nearest training images) and the mislabel report (each image's nearest other images).
 
-    knn_search     Faiss (CPU, or GPU with faiss-gpu), or torch on a GPU without it
+    knn_search     Faiss (CPU, or GPU with faiss-gpu), or torch on a GPU or without Faiss
     torch_search   blockwise matmul + running top-k: any size, fp16 inputs, leave-one-out
     close_pairs    pairs of centroids closer than a threshold, without the K x K matrix
     knn_votes      the weighted vote of a sample's neighbours (DINO's kNN protocol)
@@ -13,9 +13,10 @@ E-step search of a rank's 160k features against 100k centroids is 8.2 TFLOP, a f
 a second on a GPU and about 87 s on one CPU thread (torchrun gives each process one).
 """
 
+import importlib
 import math
+import sys
 
-import faiss
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -26,9 +27,29 @@ from tqdm import tqdm
 EXACT_MAX = 8000
 
 
+_FAISS = []   # [the faiss module, or None where it cannot be imported], filled on first use
+
+
+def faiss_module():
+    """Faiss, imported on first use, or None where it is not installed. Faiss is optional:
+    faiss-gpu is hard to install (its wheel needs CUDA 12 runtime libraries beside torch's
+    CUDA 13), and every search here has an exact torch path (torch_search), which the GPU
+    E-step uses anyway without faiss-gpu. Without Faiss the CPU searches run on torch too
+    (exact, blockwise; slower at ImageNet's K), and the first search says so in one line."""
+    if not _FAISS:
+        try:
+            _FAISS.append(importlib.import_module("faiss"))
+        except ImportError:
+            _FAISS.append(None)
+            print("note: Faiss is not installed, so nearest-neighbour searches run on torch (exact, blockwise); "
+                  "pip install faiss-cpu (or faiss-gpu) for faster CPU k-means and merging", file=sys.stderr)
+    return _FAISS[0]
+
+
 def faiss_has_gpu():
     """True where Faiss was built with GPU support and sees a GPU (faiss-gpu on a GPU machine)."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    faiss = faiss_module()
+    return faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 _GPU_RES = None
@@ -37,13 +58,14 @@ _GPU_RES = None
 def _gpu_resources():
     global _GPU_RES
     if _GPU_RES is None:
-        _GPU_RES = faiss.StandardGpuResources()
+        _GPU_RES = faiss_module().StandardGpuResources()
     return _GPU_RES
 
 
 def flat_ip_index(dim, device=None):
     """An exact inner-product Faiss index: on the GPU `device` (this process's own, never every
     visible one) when Faiss was built with GPU support, else on the CPU."""
+    faiss = faiss_module()
     index = faiss.IndexFlatIP(dim)
     device = torch.device(device or "cpu")
     if device.type == "cuda" and faiss_has_gpu():
@@ -61,9 +83,10 @@ def knn_search(queries, database, k, device=None):
     index there when Faiss was built with GPU support (faiss-gpu), else torch on that GPU
     (torch_search). A GPU run never falls back to CPU Faiss: torchrun gives each process one
     thread, and one E-step search at ImageNet scale (160k x 100k x 256 per rank, 8.2 TFLOP)
-    takes about 87 s on one CPU thread against well under a second on a GPU."""
+    takes about 87 s on one CPU thread against well under a second on a GPU. Without Faiss:
+    torch on `device`, CPU included."""
     device = torch.device(device or "cpu")
-    if device.type == "cuda" and not faiss_has_gpu():
+    if faiss_module() is None or (device.type == "cuda" and not faiss_has_gpu()):
         return torch_search(queries, database, k, device)
     q = np.ascontiguousarray(queries, dtype=np.float32)
     db = np.ascontiguousarray(database, dtype=np.float32)
@@ -75,6 +98,8 @@ def knn_search(queries, database, k, device=None):
 def search_backend(device):
     """What knn_search runs on `device`, in words (train.py says it at start)."""
     device = torch.device(device or "cpu")
+    if faiss_module() is None:
+        return f"torch on {device} (Faiss is not installed)"
     if device.type != "cuda":
         return f"Faiss on the CPU ({torch.get_num_threads()} threads)"
     return f"Faiss on {device}" if faiss_has_gpu() else f"torch on {device} (this Faiss has no GPU support)"
@@ -132,10 +157,12 @@ def close_pairs(centroids, thresh, neighbours=5, exact_max=EXACT_MAX, seed=0, de
       seconds on 2 cores). Instead a coarse spherical k-means (Faiss) cuts the sphere into
       sqrt(K) cells and pairs are compared inside each cell (~1/sqrt(K) of the work; cells
       of similar size share one batched product, see _pairs_within_cells). A close pair
-      split by a cell border is missed this time and found at a later epoch's merge."""
+      split by a cell border is missed this time and found at a later epoch's merge.
+      Without Faiss (no coarse k-means) the search stays exact at every K."""
     K, D = centroids.shape
     c = np.ascontiguousarray(centroids, dtype=np.float32)
-    if K <= exact_max or torch.device(device or "cpu").type == "cuda":
+    faiss = faiss_module()
+    if K <= exact_max or torch.device(device or "cpu").type == "cuda" or faiss is None:
         sims, ids = knn_search(c, c, min(neighbours + 1, K), device)
         rows = np.repeat(np.arange(K), ids.shape[1])
         cols, d = ids.reshape(-1), 1 - sims.reshape(-1)

@@ -62,7 +62,7 @@ PRESETS = {
     "cpu": dict(data="fashion-mnist", arch="resnet18", small_stem=True, width=16, img_size=16, subset=5000,
                 proj_hidden=512, pred_hidden=512, dim=128, pca_dim=64, batch_size=128, epochs=48,
                 optimizer="sgd", lr=0.06, weight_decay=5e-4, warmup_epochs=0, momentum=0.99,
-                num_clusters=500, crop_min=0.2, workers=2, merge_rule="eq11", merge_lambda=1.625),
+                num_clusters=500, crop_min=0.2, aug="moco", workers=2, merge_rule="eq11", merge_lambda=1.625),
     # sec. 5.1: ResNet-50, 3-layer 4096-d projector, 2-layer predictor, 256-d, K0 = 100,000,
     # LARS (wd 1e-6, momentum 0.9), batch 4096, cosine lr, MoCo v3 augmentations. The paper's
     # base lr values were lost in extraction; these are MoCo v3's ResNet-50 values, and
@@ -75,12 +75,12 @@ PRESETS = {
     "imagenet-100ep": dict(data="imagenet", arch="resnet50", small_stem=False, width=64, img_size=224, subset=0,
                            proj_hidden=4096, pred_hidden=4096, dim=256, pca_dim=150, batch_size=4096,
                            epochs=100, optimizer="lars", lr=0.6, weight_decay=1e-6, warmup_epochs=10,
-                           momentum=0.99, num_clusters=100000, crop_min=0.2, workers=10, merge_rule="eq11",
+                           momentum=0.99, num_clusters=100000, crop_min=0.2, aug="moco", workers=10, merge_rule="eq11",
                            merge_lambda=2.0),
     "imagenet-200ep": dict(data="imagenet", arch="resnet50", small_stem=False, width=64, img_size=224, subset=0,
                            proj_hidden=4096, pred_hidden=4096, dim=256, pca_dim=150, batch_size=4096,
                            epochs=200, optimizer="lars", lr=0.5, weight_decay=1e-6, warmup_epochs=10,
-                           momentum=0.99, num_clusters=100000, crop_min=0.2, workers=10, merge_rule="eq11",
+                           momentum=0.99, num_clusters=100000, crop_min=0.2, aug="moco", workers=10, merge_rule="eq11",
                            merge_lambda=2.0),
 }
 
@@ -101,6 +101,12 @@ def get_args(argv=None):
     p.add_argument("--subset", type=int, help="train on a seeded random subset of this many images (0 = all)")
     p.add_argument("--img-size", type=int, help="crop size of the training views")
     p.add_argument("--crop-min", type=float, help="smallest RandomResizedCrop scale")
+    p.add_argument("--aug", choices=data.AUGMENTATIONS,
+                   help="training views: moco = MoCo v3's (sec. 5.1, ImageNet); shapes = crop, small rotation and "
+                        "shift, brightness/contrast, for small grayscale images (data.shapes_view)")
+    p.add_argument("--hflip", type=float, default=0.5,
+                   help="--aug shapes: horizontal flip probability (0 for digits or text, whose mirror images differ)")
+    p.add_argument("--rotate", type=float, default=15.0, help="--aug shapes: largest rotation, degrees")
     p.add_argument("--workers", type=int, help="data-loading processes per GPU/process")
     # model (sec. 5.1)
     p.add_argument("--arch", help="torchvision ResNet: resnet18, resnet50, ...")
@@ -166,8 +172,9 @@ def get_args(argv=None):
     p.add_argument("--out-dir", help="where the run lives: checkpoints, log.jsonl, args.json (default runs/PRESET)")
     p.add_argument("--resume", default="auto",
                    help="auto: continue from OUT_DIR/checkpoint.pth if there (DINO's behaviour: rerunning a command, "
-                        "or a requeued job, never starts a run over); none: start afresh, overwriting OUT_DIR's run; "
-                        "or a checkpoint path")
+                        "or a requeued job, never starts a run over); none: start afresh, moving an earlier run's "
+                        "checkpoints and log to OUT_DIR/replaced/; or a checkpoint path to start from (once OUT_DIR has "
+                        "its own checkpoint, a rerun continues that)")
     p.add_argument("--checkpoint-minutes", type=float, default=30.0,
                    help="also save a mid-epoch checkpoint when this long has passed since the last one (a hard kill "
                         "then loses at most this much; 0 = at epoch ends only)")
@@ -203,6 +210,10 @@ def check_args(p, args):
                                     "cluster_warmup_epochs", "cluster_weight", "stop_after_epoch", "save_every",
                                     "checkpoint_minutes"),
                       fractions=("crop_min",))
+    if not 0 <= args.hflip <= 1:
+        p.error(f"--hflip {args.hflip}: a probability, in [0, 1]")
+    if not 0 <= args.rotate <= 180:
+        p.error(f"--rotate {args.rotate}: the largest rotation lies in [0, 180] degrees")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         p.error(f"--lr {args.lr}: must be a positive number (the base lr; the actual lr is lr x batch-size / 256)")
     if not 0 <= args.momentum <= 1:
@@ -388,7 +399,7 @@ class Stop:
     def exit(self, signum, where, args):
         if args.master:
             print(f"{signal.Signals(signum).name}: stopped at {where}, checkpoint saved in {args.out_dir}; "
-                  "rerun the same command to continue", flush=True)
+                  f"{utils.rerun_hint(args)}", flush=True)
         if args.distributed:
             dist.barrier()
             dist.destroy_process_group()
@@ -517,7 +528,12 @@ def merge_step(mixture, view_distance, args, times):
 # them without a note (the world size too: --batch-size is the total over all processes).
 RUN_FLAGS = {"out_dir", "resume", "stop_after_epoch", "save_every", "workers", "device", "data_dir", "feature_data_dir",
              "download", "distributed", "rank", "world_size", "local_rank", "master", "dist_timeout",
-             "checkpoint_minutes", "preset_given"}
+             "checkpoint_minutes", "preset_given", "data_fingerprint"}
+# Flags a resume cannot change: the images trained on (a subset is drawn from --seed, and each
+# image's views from it), and K0 once the first clustering has used it. A resume refuses them
+# in one line rather than going on with other data or a flag that would do nothing.
+FIXED_FLAGS = {"subset": "which images are trained on", "seed": "the subset and every image's views",
+               "num_clusters": "K0, used by the first clustering"}
 
 
 def save_checkpoint(model, optimizer, scaler, mixture, epoch, steps, args, within=None):
@@ -577,6 +593,18 @@ def resume(ckpt, path, model, optimizer, scaler, mixture, args):
             flag = "--data (its channels)" if k == "in_chans" else f"--{k.replace('_', '-')}"
             raise UserError(f"cannot resume {path}: it was trained with {flag} {was}, "
                             f"this run has {mine[k]}; use the same setting or another --out-dir")
+    for k, what in FIXED_FLAGS.items():
+        if k in saved and saved[k] != getattr(args, k) and (k != "num_clusters" or ckpt["mixture"] is not None):
+            flag = f"--{k.replace('_', '-')}"
+            raise UserError(f"cannot resume {path} with {flag} {getattr(args, k)}: the run has {flag} {saved[k]} "
+                            f"({what}); use the same value or another --out-dir")
+    was, now = saved.get("data_fingerprint"), args.data_fingerprint
+    if was and was != now:   # another folder, or the same one changed: not the images this run trained on
+        raise UserError(f"cannot resume {path}: --data-dir {args.data_dir or '(default)'} holds {now}, the run "
+                        f"trained on {was} (in {saved['data_dir'] or 'the default folder'}); point --data-dir at "
+                        "the same data or use another --out-dir")
+    if args.master and was and saved.get("data_dir") != args.data_dir:
+        print(f"note: reading the run's data from {args.data_dir} (was {saved['data_dir']}): the same {now}")
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})" for k in sorted(saved)
                if k not in RUN_FLAGS and k in vars(args) and saved[k] != getattr(args, k)]
     if changed and args.master:
@@ -615,18 +643,17 @@ def train(args):
     if args.distributed and args.device.type == "cuda":   # SyncBN must not sync the feature pass (model.batch_statistics)
         args.local_group, _ = dist.new_subgroups(group_size=1)
     torch.manual_seed(args.seed)  # the model is built from the same seed on every rank
-    if args.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    utils.fast_cuda(args.device)
 
     # ---- data: labels are never used below
-    train_set = data.load_dataset(args.data, args.data_dir, "train", data.train_transform(args.img_size, args.crop_min),
+    train_set = data.load_dataset(args.data, args.data_dir, "train", data.train_transform(args.img_size, args.crop_min, args.aug,
+                                                                                  args.hflip, args.rotate),
                                   args.download)
     feat_set = data.load_dataset(args.data, args.feature_data_dir or args.data_dir, "train",
                                  data.eval_transform(args.data, args.img_size))
     if args.feature_data_dir:
-        data.check_same_files(train_set, feat_set)
+        data.check_same_files(train_set, feat_set, args.img_size)
+    args.data_fingerprint = data.fingerprint(train_set)   # checked on resume: the same images, wherever they live
     train_set, feat_set = data.subset(train_set, args.subset, args.seed), data.subset(feat_set, args.subset, args.seed)
     N = len(train_set)
     if args.batch_size > N:

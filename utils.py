@@ -52,8 +52,8 @@ def guard(prog, run, args):
             # The waiting rank cannot tell which peer stopped (NCCL and gloo only time out);
             # torchrun's error summary names the rank whose process ended first.
             fail(prog, f"rank {getattr(args, 'rank', 0)} waited {args.dist_timeout:g} min for another process, "
-                       "which stopped or was lost (torchrun's error summary names it): see its log, then rerun "
-                       "the same command to resume")
+                       "which stopped or was lost (torchrun's error summary names it): see its log, then "
+                       + (rerun_hint(args) if hasattr(args, "resume") else "rerun the same command"))
         raise
     finally:
         if getattr(args, "lock", None):   # OUT_DIR's lock (take_lock): the process may go on (main() from Python)
@@ -164,6 +164,16 @@ def distribute(model, args, sync_bn=True):
 def is_dist_timeout(e):
     """A collective that waited past the timeout (a stopped or lost rank)."""
     return isinstance(e, (RuntimeError, dist.DistError)) and ("timed out" in str(e).lower() or "timeout" in str(e).lower())
+
+
+def fast_cuda(device):
+    """The CUDA settings of training (and of every bench that times it): cuDNN picks the fastest
+    convolution algorithm for the fixed input shape (benchmark), and fp32 matrix products and
+    convolutions run on TF32 tensor cores (MoCo v3's and DINO's choice; autocast handles bf16)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def autocast(device, amp="bf16"):
@@ -295,21 +305,68 @@ def saved_args(args):
     return {k: v for k, v in vars(args).items() if k not in ("local_group", "lock")} | {"device": str(args.device)}
 
 
+def rerun_hint(args):
+    """What continues a stopped run, true for each --resume mode: with --resume none the same
+    command would start afresh again."""
+    if args.resume == "none":
+        return "rerun it without --resume none to continue (with it, the run starts afresh)"
+    return "rerun the same command to continue"
+
+
+def run_files(out_dir):
+    """A run's own files in OUT_DIR: its checkpoints and log (not args.json, rewritten by every run)."""
+    try:
+        names = os.listdir(out_dir)
+    except OSError:
+        return []
+    return sorted(n for n in names if n == "log.jsonl" or (n.startswith("checkpoint") and n.endswith(".pth")))
+
+
+def move_aside(out_dir):
+    """--resume none over an earlier run: its checkpoints and log move to OUT_DIR/replaced/
+    (an older replaced/ is removed first), so the folder never holds half of each run, and a
+    plain rerun cannot 'resume' the old run. Says what it moved, in one line."""
+    import shutil
+    names = run_files(out_dir)
+    if not names:
+        return
+    aside = os.path.join(out_dir, "replaced")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.makedirs(aside)
+    for n in names:
+        os.replace(os.path.join(out_dir, n), os.path.join(aside, n))
+    print(f"note: --resume none starts afresh: the earlier run's {', '.join(names)} moved to {aside}", flush=True)
+
+
 def open_run(args, program, keys):
     """Before anything is written: rank 0 takes OUT_DIR's lock (a second job in the same
     folder, e.g. the ranks of a killed torchrun agent still running, would interleave
-    checkpoints and logs), and every rank reads the checkpoint it sees (--resume auto:
-    OUT_DIR/checkpoint.pth; --resume PATH), which must be `program`'s (hold `keys`). All
-    ranks then agree on one epoch to resume from: nodes without a shared --out-dir would
+    checkpoints and logs), and every rank reads the checkpoint it sees, which must be
+    `program`'s (hold `keys`):
+      --resume auto   OUT_DIR/checkpoint.pth if there, else a fresh run (rerun = resume)
+      --resume PATH   PATH for the first start; once this run has saved OUT_DIR/checkpoint.pth
+                      a rerun (a requeued job) continues that, not PATH again
+      --resume none   a fresh run; an earlier run's files move to OUT_DIR/replaced/
+    All ranks then agree on one epoch to resume from: nodes without a shared --out-dir would
     otherwise resume on some ranks and start afresh on others, and the replicas would drift
     apart without a word. Returns the checkpoint (or None) and its path."""
-    path = os.path.join(args.out_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
-    path = None if path == "none" else path   # --resume none: start afresh
+    if not args.resume:
+        raise UserError("--resume is empty (an unset variable?): give auto (the default: continue OUT_DIR's run), "
+                        "none (start afresh) or a checkpoint's path")
+    own = os.path.join(args.out_dir, "checkpoint.pth")
+    path = {"auto": own, "none": None}.get(args.resume, args.resume)
+    if path not in (own, None) and os.path.exists(own) and not (os.path.exists(path) and os.path.samefile(path, own)):
+        if args.master:
+            print(f"note: {own} holds this run's own progress: continuing it rather than --resume {path} "
+                  "(which starts a run only in a folder without a checkpoint)", flush=True)
+        path = own
     problem, ckpt = None, None
     try:
         if args.master:
             take_lock(args)
-        if path and (args.resume != "auto" or os.path.exists(path)):   # a named file must exist
+            if args.resume == "none":
+                move_aside(args.out_dir)
+        if path and (path != own or os.path.exists(path)):   # a named file must exist
             ckpt = load_checkpoint_file(path)
             if not isinstance(ckpt, dict) or not set(keys) <= set(ckpt):
                 raise UserError(f"{path} is not a {program} checkpoint; start a new --out-dir")

@@ -20,6 +20,7 @@ rate says how many cores per GPU a CPU decode needs, and nvjpeg whether a GPU de
 
 import argparse
 import io
+import json
 import os
 import sys
 import time
@@ -32,7 +33,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import ModelConfig  # noqa: E402
-from utils import autocast  # noqa: E402
+from utils import autocast, fast_cuda  # noqa: E402
 
 
 def jpegs(n, seed=0):
@@ -86,10 +87,12 @@ def main():
     p.add_argument("--n", type=int, default=512, help="JPEGs decoded per measurement")
     p.add_argument("--batch", type=int, default=256, help="training batch per GPU (the preset: 4096 / 8 = 512)")
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--json", help="also write the figures to this JSON file (bench/device_check.sh reads it)")
     args = p.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("check_gpu_data.py: no CUDA device here (run it on a GPU node, or pass --device cpu)")
+    fast_cuda(dev)   # train.py's cuDNN and TF32 settings
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     rows = []
     files = jpegs(args.n)
@@ -116,7 +119,10 @@ def main():
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     rows.append((f"train step, ResNet-50 two views, batch {len(x)}, bf16", len(x) / timed(step, dev, repeat=2)))
+    peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
 
     model.eval()
 
@@ -132,6 +138,12 @@ def main():
     for k, v in rows:
         print(f"| {k} | {v:,.0f} |")
     print(f"\nfeature pass bf16 against fp32: embedding cosine mean {cos.mean():.5f}, min {cos.min():.5f}")
+    if peak is not None:
+        print(f"peak memory of the train step: {peak:.1f} GiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "images_per_s": dict(rows), "cosine_mean": float(cos.mean()),
+                       "cosine_min": float(cos.min()), "peak_mem_gib": peak}, f, indent=1)
 
 
 if __name__ == "__main__":

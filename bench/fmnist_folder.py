@@ -22,16 +22,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 
 
-def write_class_folder(root, per_class=0, val_per_class=0, classes=10, fmt="png", size=None):
+def write_class_folder(root, per_class=0, val_per_class=0, classes=10, fmt="png", size=None, first=0):
     """Real Fashion-MNIST images as train/ and val/ class sub-folders: the first `per_class`
-    train images (val/: `val_per_class` test images) of each of the first `classes` classes,
-    0 = all of them. Grayscale PNG, or RGB JPEG (resized to `size`) like ImageNet's files.
+    train images (val/: `val_per_class` test images) of each of `classes` classes from class
+    `first` on, 0 = all of them. Grayscale PNG, or RGB JPEG (resized to `size`) like ImageNet's files.
     The folder names keep the class order (00_T-shirt-top, 01_Trouser, ...), so ImageFolder's
     labels are Fashion-MNIST's."""
     for split, n, train in (("train", per_class, True), ("val", val_per_class, False)):
         ds = data.FashionMNIST(None, train=train)
         labels = ds.targets.numpy()
-        for c in range(classes):
+        for c in range(first, first + classes):
             folder = os.path.join(root, split, f"{c:02d}_{ds.classes[c].replace('/', '-')}")
             os.makedirs(folder, exist_ok=True)
             members = np.flatnonzero(labels == c)
@@ -65,7 +65,8 @@ def main():
     p.add_argument("--out", required=True, help="folder to write (train/ and val/ inside)")
     p.add_argument("--per-class", type=int, default=0, help="train images per class (0 = all)")
     p.add_argument("--val-per-class", type=int, help="val images per class (default: --per-class)")
-    p.add_argument("--classes", type=int, default=10, help="the first N Fashion-MNIST classes")
+    p.add_argument("--classes", type=int, default=10, help="N Fashion-MNIST classes, from --first-class on")
+    p.add_argument("--first-class", type=int, default=0, help="the first of them (0-9)")
     p.add_argument("--format", default="png", choices=["png", "jpg"])
     p.add_argument("--digits", action="store_true", help="scikit-learn's digits instead of Fashion-MNIST")
     args = p.parse_args()
@@ -74,7 +75,8 @@ def main():
     else:
         val = args.per_class if args.val_per_class is None else args.val_per_class
         for _ in tqdm([0], desc=f"writing {args.out}"):
-            write_class_folder(args.out, args.per_class, val, classes=args.classes, fmt=args.format)
+            write_class_folder(args.out, args.per_class, val, classes=args.classes, fmt=args.format,
+                               first=args.first_class)
     print(f"wrote {args.out}/train and {args.out}/val")
 
 

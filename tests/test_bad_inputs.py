@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -23,6 +24,8 @@ from test_train import TINY, error_line, read_log, run
 
 # ----------------------------------------------------------------------------- flags
 @pytest.mark.parametrize("flags, needle", [
+    (["--hflip", "1.5"], "--hflip 1.5"),
+    (["--rotate", "-10"], "--rotate -10"),
     (["--num-clusters", "0"], "--num-clusters 0"),            # was: bincount RuntimeError
     (["--soft-k", "0"], "--soft-k 0"),                        # was: Faiss's bare AssertionError
     (["--merge-lambda", "nan"], "--merge-lambda nan"),        # was: never merges, silently
@@ -235,3 +238,55 @@ def test_a_frozen_rank_ends_the_run_after_the_timeout(tmp_path):
         proc.kill()
     assert proc.returncode != 0
     assert "train.py: error: rank 0 waited 0.1 min for another process, which stopped" in err, err[-3000:]
+
+
+# ----------------------------------------------------------------------------- data.py SRC DST (a resized copy)
+def _image_folder(root, n=2):
+    for split in ("train", "val"):
+        os.makedirs(os.path.join(root, split, "a"), exist_ok=True)
+        for i in range(n):
+            Image.fromarray(np.full((30, 40, 3), 40 * i, np.uint8)).save(os.path.join(root, split, "a", f"{i}.png"))
+    return str(root)
+
+
+@pytest.mark.parametrize("dst, needle", [
+    ("{src}", "is SRC"), ("{src}/", "is SRC"), ("{src}/../src", "is SRC"),   # was: the originals overwritten, rc 0
+    ("{src}/train/x", "is inside SRC"),                                       # was: copies in SRC's training split
+    ("{tmp}", "contains SRC"),
+])
+def test_data_py_refuses_a_copy_over_or_inside_its_source(dst, needle, tmp_path):
+    src = _image_folder(tmp_path / "src")
+    before = {f: open(os.path.join(src, "train", "a", f), "rb").read() for f in os.listdir(os.path.join(src, "train", "a"))}
+    r = subprocess.run([sys.executable, "data.py", src, dst.format(src=src, tmp=tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert {f: open(os.path.join(src, "train", "a", f), "rb").read() for f in before} == before
+    assert sorted(os.listdir(os.path.join(src, "train"))) == ["a"]
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing", "does not exist"), ("file", "is a file"), ("no splits", "has no train/ or val/"),
+    ("side 0", "--side 0"), ("corrupt", "cannot read image"), ("text as png", "cannot read image"),
+    ("empty", "holds no images"),
+])
+def test_data_py_bad_source_is_one_line_naming_it(case, needle, tmp_path):
+    src = tmp_path / "src"
+    extra = []
+    if case == "file":
+        src.write_text("x")
+    elif case == "no splits":
+        src.mkdir()
+    elif case == "side 0":
+        _image_folder(src)
+        extra = ["--side", "0"]
+    elif case in ("corrupt", "text as png"):
+        _image_folder(src)
+        bad = src / "train" / "a" / ("bad.jpg" if case == "corrupt" else "bad.png")
+        bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 20 if case == "corrupt" else b"not an image")
+        needle = f"{needle} {bad}"
+    elif case == "empty":
+        os.makedirs(src / "train" / "a"), os.makedirs(src / "val" / "a")
+    r = subprocess.run([sys.executable, "data.py", str(src), str(tmp_path / "copy"), "--workers", "1", *extra], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("data.py: error:")

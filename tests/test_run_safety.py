@@ -61,6 +61,77 @@ def test_rerunning_the_command_continues_and_resume_none_starts_afresh(full, tmp
     assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 1
 
 
+def test_resume_none_moves_the_old_run_aside_and_a_killed_fresh_run_never_resumes_it(tmp_path, monkeypatch, capsys):
+    """--resume none over a finished run: its checkpoints and log move to OUT_DIR/replaced/
+    (said in one line); a fresh run stopped in its first epoch then leaves no old checkpoint
+    for the plain rerun to 'resume': that rerun trains the new run, and the stop line says
+    how to continue (the same command with --resume none would start afresh again)."""
+    out = tmp_path / "run"
+    run(out, "--save-every", "1")
+    capsys.readouterr()
+    signal_at.install(2, 0, signal.SIGTERM, monkeypatch.setattr)
+    with pytest.raises(SystemExit):
+        run(out, "--resume", "none")
+    said = capsys.readouterr().out
+    assert "the earlier run's checkpoint.pth, checkpoint_epoch1.pth, checkpoint_epoch2.pth, log.jsonl moved to" in said
+    assert "rerun it without --resume none to continue" in said
+    assert sorted(os.listdir(out / "replaced")) == ["checkpoint.pth", "checkpoint_epoch1.pth", "checkpoint_epoch2.pth",
+                                                    "log.jsonl"]
+    assert not any(n.startswith("checkpoint_epoch") for n in os.listdir(out))
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["within"]["step"] == 2   # the new run's
+    monkeypatch.undo()
+    run(out)
+    assert "resumed from" in capsys.readouterr().out and [r["epoch"] for r in read_log(out)] == [1, 2]
+
+
+def test_resume_path_seeds_a_run_once_and_an_empty_resume_is_refused(tmp_path, capsys):
+    """--resume PATH starts this folder's run from PATH; once the folder has its own
+    checkpoint, the same command (a requeued job) continues that instead of PATH again."""
+    seed, out = tmp_path / "seed", tmp_path / "run"
+    run(seed, "--epochs", "1")
+    run(out, "--resume", str(seed / "checkpoint.pth"), "--stop-after-epoch", "2", "--epochs", "3")
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 2
+    capsys.readouterr()
+    run(out, "--resume", str(seed / "checkpoint.pth"), "--epochs", "3")
+    said = capsys.readouterr().out
+    assert "holds this run's own progress: continuing it" in said and "resumed from" in said and "at epoch 2" in said
+    assert [r["epoch"] for r in read_log(out)] == [2, 3]      # epoch 1 is the seed's
+    with pytest.raises(SystemExit):
+        run(tmp_path / "empty", "--resume", "")
+    assert "--resume is empty (an unset variable?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--subset", "100"), ("--seed", "3"), ("--num-clusters", "30")])
+def test_a_resume_refuses_flags_it_cannot_honour(flag, value, tmp_path, capsys):
+    """--subset and --seed choose the images (and their views), --num-clusters is K0, used by
+    the first clustering: changed on a resume they would train other data or do nothing."""
+    out = tmp_path / "run"
+    run(out, "--stop-after-epoch", "1")
+    with pytest.raises(SystemExit):
+        run(out, flag, value)
+    err = capsys.readouterr().err
+    assert f"with {flag} {value}: the run has {flag}" in err and "use the same value or another --out-dir" in err
+
+
+def test_a_resume_reads_moved_data_but_refuses_other_data(sorted_folder, tmp_path, capsys):
+    """--data-dir may move (a copy on a node's local disk after a requeue): the same images
+    are accepted and said; a folder of other images is refused in one line."""
+    import shutil
+    flags = ["--data", "folder", "--batch-size", "32", "--subset", "0", "--num-clusters", "12"]
+    out, moved, other = tmp_path / "run", tmp_path / "moved", tmp_path / "other"
+    shutil.copytree(sorted_folder, moved)
+    shutil.copytree(sorted_folder, other)
+    os.remove(next(os.path.join(r, f) for r, _, fs in os.walk(other / "train") for f in sorted(fs)))
+    run(out, *flags, "--data-dir", sorted_folder, "--stop-after-epoch", "1")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(out, *flags, "--data-dir", str(other))
+    assert "holds 199 images of 4 classes" in capsys.readouterr().err
+    run(out, *flags, "--data-dir", str(moved))
+    said = capsys.readouterr().out
+    assert f"reading the run's data from {moved}" in said and "resumed from" in said
+
+
 @pytest.mark.parametrize("sig,step", [("SIGTERM", 3), ("SIGUSR1", 6)])   # mid epoch 1 / mid epoch 2
 def test_a_signal_saves_mid_epoch_and_the_rerun_is_bit_identical(full, tmp_path, monkeypatch, capsys, sig, step):
     out = tmp_path / "run"
@@ -168,7 +239,7 @@ def test_slurm_recipe_requeues_before_the_time_limit_and_the_requeued_job_contin
     assert ckpt["epoch"] < 3
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)   # the requeued job
     assert res.returncode == 0 and "resumed from" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
-    assert [r["epoch"] for r in read_log(out)] == [1, 2, 3]
+    assert [r["epoch"] for r in read_log(out)] == [2, 3]      # epoch 1 is the seed's
     assert log.read_text().split() == ["requeue", "4242"]   # finished: not requeued again
 
 

@@ -5,8 +5,10 @@ find), and the ImageNet preset must train, resume and evaluate under torchrun on
 
 import json
 import os
+import shutil
 import types
 
+import pytest
 import torch
 
 import data
@@ -152,3 +154,25 @@ def test_the_feature_pass_reads_a_resized_copy_that_lists_the_same_images(sorted
         assert e.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("train.py: error: --feature-data-dir") and "does not hold the same images" in err
+
+
+@needs_fmnist
+@pytest.mark.parametrize("fault, needle", [("side 4", "too small for the 16 px view"),
+                                           ("replaced", "is not a copy of")])
+def test_a_feature_copy_too_small_or_of_other_images_is_refused(fault, needle, sorted_folder, tmp_path, capsys):
+    """The copy's names and order are right, but it was made at --side 4 for 16 px views, or
+    its images were swapped for others (class 0's files hold class 1's pictures)."""
+    copy = str(tmp_path / "copy")
+    data.resized_copy(sorted_folder, copy, side=4 if fault == "side 4" else 256, workers=1)
+    if fault == "replaced":
+        a, b = sorted(os.listdir(os.path.join(copy, "train")))[:2]
+        for name, other in zip(sorted(os.listdir(os.path.join(copy, "train", a))),
+                               sorted(os.listdir(os.path.join(copy, "train", b)))):
+            shutil.copy(os.path.join(copy, "train", b, other), os.path.join(copy, "train", a, name))
+    flags = ["--data", "folder", "--data-dir", sorted_folder, "--subset", "0", "--batch-size", "40", "--epochs", "1",
+             "--img-size", "16", "--workers", "0", "--num-clusters", "12", "--feature-data-dir", copy,
+             "--out-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit):
+        train.main(flags)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("train.py: error: --feature-data-dir") and needle in err
