@@ -364,18 +364,27 @@ def feature_batches(n, batch_size, rank=0, world_size=1, seed=0):
     return [order[a:b] for a, b in list(zip(cuts[:-1], cuts[1:]))[rank::world_size]]
 
 
-def feature_loader(ds, batch_size, args):
+def feature_loader(ds, batch_size, args, term=False):
     """A loader over this rank's feature_batches: every image once over all ranks, in
     batches of `batch_size` cut from the seeded permutation, no sampler padding. train.py's
     feature pass, evaluate.py's extraction and lincls.py's validation all read through it.
     generator: its own, so starting the workers draws no number from torch's global RNG,
     which stays the training augmentations' alone (a resumed run repeats exactly). Not
     persistent: the workers exit after each pass instead of idling through a training epoch,
-    each holding its own copy of the file list (ImageNet: 1.28M paths)."""
+    each holding its own copy of the file list (ImageNet: 1.28M paths). term: the workers
+    ignore SIGTERM too (train.py, whose Stop acts on it after the pass; it then ends the
+    workers itself with close_iterator)."""
     batches = feature_batches(len(ds), batch_size, args.rank, args.world_size, args.seed)
     return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=args.workers,
                                        pin_memory=args.device.type == "cuda", generator=torch.Generator(),
-                                       worker_init_fn=functools.partial(ignore_stop_signals, term=False))
+                                       worker_init_fn=functools.partial(ignore_stop_signals, term=term))
+
+
+def close_iterator(it):
+    """End a loader iterator's workers now, through their queues: workers that ignore SIGTERM
+    must not outlive the pass (at exit multiprocessing would SIGTERM and wait for them)."""
+    if hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
 
 
 class EpochSampler(torch.utils.data.DistributedSampler):
@@ -443,9 +452,11 @@ def ignore_stop_signals(worker_id, term=True):
     warning) reach every process of a job, the workers too. They are for the training
     process to act on (train.Stop: finish the step, checkpoint); a worker that died of one
     would end that process with "DataLoader worker exited unexpectedly" before it could.
-    term=False (the feature pass's workers, which the signal would not wait for anyway):
-    SIGUSR1 only, so that SIGTERM still ends them as multiprocessing expects at exit. The
-    training workers ignore both and are shut down by train.py itself (shutdown_workers)."""
+    term=False (evaluate.py's and lincls.py's passes): SIGUSR1 only, so that SIGTERM still
+    ends them as multiprocessing expects at exit. train.py's workers ignore both (a SIGTERM
+    to every process of a job would otherwise kill them mid-pass and the rank with them,
+    before its stop line) and are shut down by train.py itself (shutdown_workers,
+    close_iterator)."""
     if term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
@@ -455,9 +466,7 @@ def shutdown_workers(loader):
     """End a persistent loader's workers now, through their queues (as its iterator's
     finaliser does): workers that ignore SIGTERM would otherwise hang the interpreter's exit,
     where multiprocessing terminates daemon processes with it and joins them."""
-    it = getattr(loader, "_iterator", None)
-    if it is not None and hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()
+    close_iterator(getattr(loader, "_iterator", None))
     loader._iterator = None
 
 
@@ -525,10 +534,8 @@ def check_copy_paths(src, dst, side):
     if not os.path.isdir(src):
         what = "is a file" if os.path.exists(src) else "does not exist"
         raise UserError(f"SRC {src} {what}: give a folder with train/ and val/, one sub-folder per class")
-    missing = [s for s in ("train", "val") if not os.path.isdir(os.path.join(src, s))]
-    if missing:
-        raise UserError(f"SRC {src} has no {' or '.join(m + '/' for m in missing)}: give a folder with train/ and val/, "
-                        "one sub-folder per class")
+    if not os.path.isdir(os.path.join(src, "train")):
+        raise UserError(f"SRC {src} has no train/: give a folder with train/ (and val/), one sub-folder per class")
     a, b = os.path.realpath(src), os.path.realpath(dst)
     if a == b or b.startswith(a + os.sep) or a.startswith(b + os.sep):
         where = "is" if a == b else "is inside" if b.startswith(a + os.sep) else "contains"
@@ -565,16 +572,21 @@ def resized_copy(src, dst, side=256, quality=95, workers=None):
     return len(jobs)
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """python data.py SRC DST: the resized copy; every problem ends in one line (utils.guard)."""
     import argparse
-    p = argparse.ArgumentParser(description="A resized copy of an image folder for the feature pass "
-                                            "(train.py --feature-data-dir DST)")
+    p = argparse.ArgumentParser(prog="data.py", description="A resized copy of an image folder for the feature pass "
+                                                            "(train.py --feature-data-dir DST)")
     p.add_argument("src", help="a folder with train/ and val/, one sub-folder per class (e.g. ImageNet)")
     p.add_argument("dst", help="where the copy goes (ImageNet at 256: about 35 GB)")
     p.add_argument("--side", type=int, default=256, help="the shorter side at most (the evaluation view's resize)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of the copy")
     p.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     from utils import guard
     guard("data.py", lambda a: print(f"{resized_copy(a.src, a.dst, a.side, a.quality, a.workers)} images written to "
                                       f"{a.dst}"), a)
+
+
+if __name__ == "__main__":
+    main()

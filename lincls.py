@@ -271,7 +271,10 @@ def run(args):
     backbone, feat_dim, _, _, _ = load_pretrained(args, torch.device("cpu"))   # sets --data, --img-size, --arch
     name = "lincls" if args.mode == "linear" else f"finetune{args.labels:g}"
     src = args.checkpoint or args.backbone
-    args.out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(src)), name)
+    args.source = os.path.abspath(src)   # what this run evaluates: a resume must evaluate the same
+    stem = os.path.splitext(os.path.basename(src))[0]
+    name = name if stem == "checkpoint" else f"{name}_{stem}"   # checkpoint_epoch50.pth: lincls_checkpoint_epoch50/
+    args.out_dir = args.out_dir or os.path.join(os.path.dirname(args.source), name)
     train_loader, val_loader = loaders(args)
     model, digest = build_model(backbone, feat_dim, args)
     model, raw = utils.distribute(model, args, sync_bn=args.mode == "finetune")   # linear: BN frozen in eval mode
@@ -329,6 +332,12 @@ def run(args):
     return res
 
 
+# On resume: flags that make another protocol are refused; the optimisation's may change
+# (the command line wins, as in MoCo v3), and the run says which did.
+PROTOCOL_FLAGS = ("mode", "labels", "split_file", "encoder", "img_size", "data")
+TRAINING_FLAGS = ("lr", "epochs", "batch_size", "weight_decay", "momentum", "crop_min", "amp")
+
+
 def resume(ckpt, path, model, optimizer, scaler, args):
     """--resume auto / PATH (read by utils.open_run, which also locks OUT_DIR and makes the
     ranks agree): the classifier (or fine-tuned network), optimiser and scaler of the
@@ -340,6 +349,18 @@ def resume(ckpt, path, model, optimizer, scaler, args):
         if args.master:
             utils.trim_log(log, 0)
         return 0, 0.0
+    saved = ckpt.get("args", {})
+    if saved.get("source", args.source) != args.source:
+        raise UserError(f"cannot resume {path}: it evaluates {saved['source']}, this command {args.source}; "
+                        "give another --out-dir")
+    for k in PROTOCOL_FLAGS:   # another protocol is another run
+        if k in saved and saved[k] != getattr(args, k):
+            raise UserError(f"cannot resume {path} with --{k.replace('_', '-')} {getattr(args, k)}: it ran with "
+                            f"{saved[k]}; use the same value or another --out-dir")
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})" for k in TRAINING_FLAGS
+               if k in saved and saved[k] != getattr(args, k)]
+    if changed and args.master:   # MoCo v3: the command line wins, and says so
+        print(f"note: from epoch {ckpt['epoch'] + 1} on, this run differs from the checkpoint's flags: " + ", ".join(changed))
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

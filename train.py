@@ -413,12 +413,16 @@ def feature_pass(model, loader, args):
     rank's share (data.feature_loader). Returns (features n_r x D on the CPU, dataset indices n_r)."""
     model.eval()  # with --feature-bn batch, embed() switches BN to batch statistics itself
     feats, index = [], []
-    for x, _, idx in tqdm(loader, desc="  features", disable=not args.master, leave=False):
-        x = data.to_input(x, args.data, args.device)
-        with autocast(args.device, args.feature_amp):
-            z = model.embed(x, args.feature_bn, args.local_group)
-        feats.append(z.float().cpu())
-        index.append(idx)
+    batches = iter(loader)
+    try:   # the workers ignore SIGTERM (Stop acts on it after the pass): end them here on every way out
+        for x, _, idx in tqdm(batches, total=len(loader), desc="  features", disable=not args.master, leave=False):
+            x = data.to_input(x, args.data, args.device)
+            with autocast(args.device, args.feature_amp):
+                z = model.embed(x, args.feature_bn, args.local_group)
+            feats.append(z.float().cpu())
+            index.append(idx)
+    finally:
+        data.close_iterator(batches)
     model.train()
     if not feats:   # more ranks than batches: this rank holds no sample
         return torch.zeros(0, args.dim), torch.zeros(0, dtype=torch.long)
@@ -598,7 +602,7 @@ def resume(ckpt, path, model, optimizer, scaler, mixture, args):
             flag = f"--{k.replace('_', '-')}"
             raise UserError(f"cannot resume {path} with {flag} {getattr(args, k)}: the run has {flag} {saved[k]} "
                             f"({what}); use the same value or another --out-dir")
-    was, now = saved.get("data_fingerprint"), args.data_fingerprint
+    was, now = saved.get("data_fingerprint"), getattr(args, "data_fingerprint", None)
     if was and was != now:   # another folder, or the same one changed: not the images this run trained on
         raise UserError(f"cannot resume {path}: --data-dir {args.data_dir or '(default)'} holds {now}, the run "
                         f"trained on {was} (in {saved['data_dir'] or 'the default folder'}); point --data-dir at "
@@ -664,7 +668,7 @@ def train(args):
     if args.num_clusters > N:
         raise UserError(f"--num-clusters {args.num_clusters} is larger than the data set (N = {N}): use fewer clusters")
     sampler, loader = data.train_loader(train_set, args.batch_size // args.world_size, args)
-    feat_loader = data.feature_loader(feat_set, args.feature_batch_size, args)
+    feat_loader = data.feature_loader(feat_set, args.feature_batch_size, args, term=True)
 
     # ---- model, optimiser, mixture
     model = model_config(args).build()

@@ -48,6 +48,10 @@ def guard(prog, run, args):
     except OSError as e:
         fail(prog, f"{e.filename or 'a file'}: {e.strerror or e}")
     except Exception as e:
+        if is_peer_lost(e):
+            fail(prog, f"rank {getattr(args, 'rank', 0)} lost its connection to another process, which stopped or was "
+                       "killed (torchrun's error summary names it): see its log, then "
+                       + (rerun_hint(args) if hasattr(args, "resume") else "rerun the same command"))
         if is_dist_timeout(e):
             # The waiting rank cannot tell which peer stopped (NCCL and gloo only time out);
             # torchrun's error summary names the rank whose process ended first.
@@ -159,6 +163,14 @@ def distribute(model, args, sync_bn=True):
         return model, model
     ids = [args.device.index] if args.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids), model
+
+
+def is_peer_lost(e):
+    """A collective whose peer went away (killed, crashed): gloo's "Connection reset/closed by
+    peer", a broken pipe, NCCL's remote error."""
+    text = str(e)
+    return isinstance(e, (RuntimeError, dist.DistError)) and any(
+        s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited"))
 
 
 def is_dist_timeout(e):

@@ -8,7 +8,8 @@ summarised as mean +- std over seeds beside the raw-pixel floor of the same eval
 
 screen:  one seed (0), a third of each setting's epochs, evaluate.py without the probe;
 confirm: seeds 0, 1, 2, the full budget, evaluate.py exactly as `make demo` runs it.
-(--seeds and --budget override either.) Every cell lives in OUT/SET/SETTING/MODE-seedS and
+(--seeds and --budget override either; --budget 2 --mode confirm is the budget curve's 2x,
+its cells named confirm-x2.) Every cell lives in OUT/SET/SETTING/MODE-seedS and
 is skipped once its cell.json exists, so a grid stopped anywhere continues where it was
 (train.py resumes its own run), and a later call with more settings adds to the same table.
 
@@ -145,25 +146,25 @@ def tables(out):
     for root, _, files in os.walk(out):
         if "cell.json" in files:
             rows.append(json.load(open(os.path.join(root, "cell.json"))))
-    rows.sort(key=lambda r: (r["mode"], r["set"], r["setting"], r["seed"]))
+    rows.sort(key=lambda r: (r["set"], r["mode"], r["setting"], r["seed"]))
     if not rows:
         return ""
     with open(os.path.join(out, "grid.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    lines = ["| mode | set (C) | setting | seeds | kNN | kNN - raw | k-means AMI | AMI - raw | learned K | "
-             "learned AMI | probe | train s | eval s |", "| " + " | ".join(["---"] * 13) + " |"]
+    lines = ["| set (C) | mode | setting | epochs | seeds | kNN | kNN - raw | k-means AMI | AMI - raw | learned K | "
+             "learned AMI | probe | train s | eval s |", "| " + " | ".join(["---"] * 14) + " |"]
     groups = {}
     for r in rows:
-        groups.setdefault((r["mode"], r["set"], r["setting"]), []).append(r)
-    for (mode, s, setting), rs in groups.items():
+        groups.setdefault((r["set"], r["mode"], r["setting"]), []).append(r)
+    for (s, mode, setting), rs in groups.items():
         col = lambda k: [r[k] for r in rs]   # noqa: E731
         dk = [r["knn"] - r["raw_knn"] for r in rs if r["raw_knn"] is not None]
         da = [r["kmeans_ami"] - r["raw_kmeans_ami"] for r in rs if r["raw_kmeans_ami"] is not None]
         ks = col("K")
         k_txt = "-" if None in ks else ", ".join(str(k) for k in ks)
-        lines.append(f"| {mode} | {s} ({rs[0]['classes']}) | {setting} | {len(rs)} | {mean_std(col('knn'))} | "
+        lines.append(f"| {s} ({rs[0]['classes']}) | {mode} | {setting} | {rs[0]['epochs']} | {len(rs)} | {mean_std(col('knn'))} | "
                      f"{mean_std(dk)} | {mean_std(col('kmeans_ami'))} | {mean_std(da)} | {k_txt} | "
                      f"{mean_std(col('learned_ami'))} | {mean_std(col('probe'))} | {mean_std(col('train_s'), 0)} | "
                      f"{mean_std(col('eval_s'), 0)} |")
@@ -203,7 +204,9 @@ def main():
         if name not in known:
             p.error(f"unknown name {name!r}: one of {', '.join(known)}")
     seeds = [int(s) for s in (args.seeds or ("0" if args.mode == "screen" else "0,1,2")).split(",")]
-    budget = args.budget or (1 / 3 if args.mode == "screen" else 1.0)
+    default_budget = 1 / 3 if args.mode == "screen" else 1.0
+    budget = args.budget or default_budget
+    tag = args.mode if budget == default_budget else f"{args.mode}-x{budget:g}"   # another budget, another cell
     eval_flags = (["--probe-epochs", "0", "--grid-clusters", "0"] if args.mode == "screen" else []) + args.eval_args.split()
     out = os.path.abspath(args.out_dir)
     os.makedirs(out, exist_ok=True)
@@ -217,8 +220,8 @@ def main():
         for setting in settings:
             flags = SETTINGS[setting]
             for seed in seeds:
-                cells.append({"set": s, "setting": setting, "seed": seed, "mode": args.mode, "classes": SETS[s][1],
-                              "dir": os.path.join(out, s, setting, f"{args.mode}-seed{seed}"),
+                cells.append({"set": s, "setting": setting, "seed": seed, "mode": tag, "classes": SETS[s][1],
+                              "dir": os.path.join(out, s, setting, f"{tag}-seed{seed}"),
                               "train_flags": data_flags + args.train_args.split()
                               + with_epochs(flags, max(1, round(epochs_of(flags) * budget))),
                               "eval_flags": eval_flags})

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -202,6 +201,43 @@ def test_second_job_in_the_same_out_dir_stops(tmp_path, capsys):
 
 
 @needs_fmnist
+def rank_pids(out):
+    """{rank: pid} of the training processes whose command line names `out`."""
+    ranks = {}
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if str(out).encode() not in open(f"/proc/{pid}/cmdline", "rb").read():
+                continue
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        rank = [e for e in env if e.startswith(b"RANK=")]
+        if rank:
+            ranks[int(rank[0][5:])] = pid
+    return ranks
+
+
+def test_a_killed_rank_leaves_its_survivor_one_line(tmp_path):
+    """kill -9 one of two gloo ranks mid-run: the survivor's next collective fails on the lost
+    connection, and it ends with one line naming that, not gloo's traceback."""
+    out = tmp_path / "killed"
+    cmd = torchrun_cmd("train.py", TINY + ["--epochs", "500", "--out-dir", str(out)])
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=TORCHRUN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):                                   # training has begun
+            if (out / "log.jsonl").exists():
+                break
+            time.sleep(0.1)
+        os.kill(rank_pids(out)[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("train.py: error:")]
+    assert lines and "rank 0 lost its connection to another process" in lines[0], err[-3000:]
+    assert "[rank0]: Traceback" not in err and "[rank0]: RuntimeError" not in err, err[-3000:]   # torchrun's own summary may follow
+
+
 def test_a_frozen_rank_ends_the_run_after_the_timeout(tmp_path):
     """SIGSTOP one of two gloo ranks mid-run: the other waits --dist-timeout (6 s here), then
     stops with one line, instead of hanging for ever."""
@@ -214,17 +250,7 @@ def test_a_frozen_rank_ends_the_run_after_the_timeout(tmp_path):
             if (out / "log.jsonl").exists():
                 break
             time.sleep(0.1)
-        ranks = {}
-        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-            try:
-                if str(out).encode() not in open(f"/proc/{pid}/cmdline", "rb").read():
-                    continue
-                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            rank = [e for e in env if e.startswith(b"RANK=")]
-            if rank:
-                ranks[int(rank[0][5:])] = pid
+        ranks = rank_pids(out)
         os.kill(ranks[1], signal.SIGSTOP)
         for _ in range(600):                                   # rank 0 gives up after the timeout
             try:
@@ -249,27 +275,34 @@ def _image_folder(root, n=2):
     return str(root)
 
 
+def data_py(capsys, *argv):
+    """python data.py argv, in this process: (exit code, what it printed on stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        data.main([str(a) for a in argv])
+    return e.value.code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("dst, needle", [
     ("{src}", "is SRC"), ("{src}/", "is SRC"), ("{src}/../src", "is SRC"),   # was: the originals overwritten, rc 0
     ("{src}/train/x", "is inside SRC"),                                       # was: copies in SRC's training split
     ("{tmp}", "contains SRC"),
 ])
-def test_data_py_refuses_a_copy_over_or_inside_its_source(dst, needle, tmp_path):
+def test_data_py_refuses_a_copy_over_or_inside_its_source(dst, needle, tmp_path, capsys):
     src = _image_folder(tmp_path / "src")
     before = {f: open(os.path.join(src, "train", "a", f), "rb").read() for f in os.listdir(os.path.join(src, "train", "a"))}
-    r = subprocess.run([sys.executable, "data.py", src, dst.format(src=src, tmp=tmp_path)], cwd=ROOT, capture_output=True,
-                       text=True)
-    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    code, err = data_py(capsys, src, dst.format(src=src, tmp=tmp_path))
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert {f: open(os.path.join(src, "train", "a", f), "rb").read() for f in before} == before
     assert sorted(os.listdir(os.path.join(src, "train"))) == ["a"]
 
 
 @pytest.mark.parametrize("case, needle", [
-    ("missing", "does not exist"), ("file", "is a file"), ("no splits", "has no train/ or val/"),
+    ("missing", "does not exist"), ("file", "is a file"), ("no splits", "has no train/"),
     ("side 0", "--side 0"), ("corrupt", "cannot read image"), ("text as png", "cannot read image"),
     ("empty", "holds no images"),
 ])
-def test_data_py_bad_source_is_one_line_naming_it(case, needle, tmp_path):
+def test_data_py_bad_source_is_one_line_naming_it(case, needle, tmp_path, capsys):
     src = tmp_path / "src"
     extra = []
     if case == "file":
@@ -286,7 +319,6 @@ def test_data_py_bad_source_is_one_line_naming_it(case, needle, tmp_path):
         needle = f"{needle} {bad}"
     elif case == "empty":
         os.makedirs(src / "train" / "a"), os.makedirs(src / "val" / "a")
-    r = subprocess.run([sys.executable, "data.py", str(src), str(tmp_path / "copy"), "--workers", "1", *extra], cwd=ROOT,
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and needle in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("data.py: error:")
+    code, err = data_py(capsys, src, tmp_path / "copy", "--workers", "1", *extra)
+    assert code == 2 and needle in err, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("data.py: error:")

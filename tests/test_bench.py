@@ -105,9 +105,9 @@ def test_bench_quality_mislabels_and_recipe_smallest(tmp_path):
             "--train-args", TINY_TRAIN, "--eval-args", TINY_EVAL.replace("--train-subset 300 --test-subset 100 ", "")]
     bench("bench_recipe.py", *argv)
     table = open(os.path.join(r, "grid.md")).read()
-    assert "| screen | digits (10) | default | 1 |" in table and "| screen | digits (10) | shapes | 1 |" in table
+    assert "| digits (10) | screen-x0.03 | default | 1 | 1 |" in table and "| digits (10) | screen-x0.03 | shapes | 1 | 1 |" in table
     assert len(open(os.path.join(r, "grid.csv")).read().splitlines()) == 3
-    stamp = os.path.getmtime(os.path.join(r, "digits", "shapes", "screen-seed0", "cell.json"))
+    stamp = os.path.getmtime(os.path.join(r, "digits", "shapes", "screen-x0.03-seed0", "cell.json"))
     out = bench("bench_recipe.py", *argv)                                  # resumable: nothing runs again
-    assert os.path.getmtime(os.path.join(r, "digits", "shapes", "screen-seed0", "cell.json")) == stamp
+    assert os.path.getmtime(os.path.join(r, "digits", "shapes", "screen-x0.03-seed0", "cell.json")) == stamp
     assert "digits  shapes" in out

@@ -186,3 +186,29 @@ def test_lincls_second_job_in_the_same_out_dir_stops_and_a_train_checkpoint_is_n
     with pytest.raises(SystemExit):
         lincls.main(["--checkpoint", str(pretrained), "--out-dir", str(out), "--resume", str(pretrained)] + FLAGS)
     assert "is not a lincls.py checkpoint" in capsys.readouterr().err
+
+
+@needs_fmnist
+def test_lincls_keeps_each_checkpoint_s_run_apart_and_says_what_a_resume_changes(pretrained, tmp_path, capsys):
+    """Each evaluated checkpoint file gets its own default OUT_DIR (checkpoint_epoch1.pth's run
+    does not 'resume' checkpoint.pth's); a folder evaluating another source, or under another
+    protocol, is refused in one line; a changed --lr is said, and taken (MoCo v3)."""
+    import shutil
+    other = pretrained.parent / "checkpoint_epoch1.pth"
+    shutil.copy(pretrained, other)
+    short = ["--batch-size", "40", "--workers", "0", "--epochs", "2"]
+    lincls.main(["--checkpoint", str(pretrained), "--stop-after-epoch", "1"] + short)
+    lincls.main(["--checkpoint", str(other), "--stop-after-epoch", "1"] + short)
+    assert (pretrained.parent / "lincls" / "checkpoint.pth").exists()
+    assert (pretrained.parent / "lincls_checkpoint_epoch1" / "checkpoint.pth").exists()
+    out = str(pretrained.parent / "lincls")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        lincls.main(["--checkpoint", str(other), "--out-dir", out] + short)
+    assert f"it evaluates {pretrained}, this command {other}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        lincls.main(["--checkpoint", str(pretrained), "--encoder", "momentum"] + short)
+    assert "cannot resume" in capsys.readouterr().err
+    lincls.main(["--checkpoint", str(pretrained), "--lr", "0.2"] + short)
+    said = capsys.readouterr().out
+    assert "--lr 0.2 (was 0.1)" in said and "resumed from" in said

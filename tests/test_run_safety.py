@@ -223,6 +223,11 @@ def test_slurm_recipe_requeues_before_the_time_limit_and_the_requeued_job_contin
                SLURM_JOB_NODELIST="node1", SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="4242", GPUS_PER_NODE="2",
                MASTER_PORT=str(free_port()), SCONTROL_LOG=str(log))
     cmd = ["bash", os.path.join(ROOT, "slurm.sbatch"), "train.py"] + TINY + ["--epochs", "3", "--out-dir", str(out)]
+    # another job of the same user on the node, whose command line matches: it must not get the signal
+    decoy_log = tmp_path / "decoy.log"
+    decoy = subprocess.Popen([sys.executable, "-u", "-c", "import signal, sys, time; signal.signal(signal.SIGUSR1, "
+                              "lambda *a: open(sys.argv[1], 'w').write('USR1')); time.sleep(600)", str(decoy_log),
+                              "train.py"], env=dict(env, SLURM_JOB_ID="999"))
     job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for _ in range(1200):                        # wait for epoch 1 to be logged
@@ -233,14 +238,75 @@ def test_slurm_recipe_requeues_before_the_time_limit_and_the_requeued_job_contin
         text, _ = job.communicate(timeout=300)
     finally:
         job.kill()
+        decoy.kill()
+    assert not decoy_log.exists()                    # job 999's process was left alone
     assert "time limit near" in text and "SIGUSR1: stopped at" in text, text[-3000:]
+    assert "outlasted the warning" not in text
     assert log.read_text().split() == ["requeue", "4242"]
     ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
     assert ckpt["epoch"] < 3
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)   # the requeued job
     assert res.returncode == 0 and "resumed from" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
-    assert [r["epoch"] for r in read_log(out)] == [2, 3]      # epoch 1 is the seed's
+    assert [r["epoch"] for r in read_log(out)] == [1, 2, 3]
     assert log.read_text().split() == ["requeue", "4242"]   # finished: not requeued again
+
+
+SIGTERM_IN_FEATURE_PASS = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import data, train
+to_input, sent = data.to_input, []
+def signalling_to_input(*a, **kw):   # its first call is the first feature-pass batch
+    if not sent:
+        sent.append(1)
+        os.killpg(0, signal.SIGTERM)   # every process of the job, loader workers too (Slurm, torchrun)
+        time.sleep(1)
+    return to_input(*a, **kw)
+data.to_input = signalling_to_input
+train.main(sys.argv[1:])
+"""
+
+
+def test_sigterm_to_every_process_during_the_feature_pass_stops_with_a_checkpoint(tmp_path):
+    """SIGTERM to the whole process group while the feature pass's workers are loading: they
+    ignore it, the pass ends, the first step is taken, the run saves and says so, and the
+    rerun finishes the run (no 'DataLoader worker killed by signal')."""
+    script = tmp_path / "term_in_pass.py"
+    script.write_text(SIGTERM_IN_FEATURE_PASS.format(root=ROOT))
+    out = tmp_path / "run"
+    argv = TINY + ["--workers", "2", "--feature-batch-size", "16", "--out-dir", str(out)]
+    r = subprocess.run([sys.executable, str(script), *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 128 + signal.SIGTERM, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "SIGTERM: stopped at epoch 1, step 1/4" in r.stdout and "killed by signal" not in r.stderr
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    assert [e["epoch"] for e in read_log(out)] == [1, 2]
+
+
+def test_slurm_recipe_requeues_when_the_stop_outlasts_the_warning(tmp_path):
+    """A stop slower than the warning (here STOP_GRACE 1 s against a program that ignores
+    USR1) is cut short by the requeue itself: the job comes back instead of ending as
+    TIMEOUT, and it is requeued once."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in STAND_INS.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    slow = tmp_path / "slow.py"
+    slow.write_text("import signal, time\nsignal.signal(signal.SIGUSR1, signal.SIG_IGN)\ntime.sleep(8)\n")
+    log = tmp_path / "scontrol.log"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+               SLURM_JOB_NODELIST="node1", SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="4243", GPUS_PER_NODE="1",
+               MASTER_PORT=str(free_port()), SCONTROL_LOG=str(log), STOP_GRACE="1")
+    job = subprocess.Popen(["bash", os.path.join(ROOT, "slurm.sbatch"), str(slow)], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(3)
+    job.send_signal(signal.SIGUSR1)
+    text, _ = job.communicate(timeout=60)
+    assert "outlasted the warning, requeueing now" in text, text
+    assert log.read_text().split() == ["requeue", "4243"]
 
 
 def test_the_card_command_on_a_gpu_says_it_runs_the_cpu_demo():
