@@ -184,9 +184,9 @@ def fingerprint(ds):
     bytes (Fashion-MNIST's idx files). Cheap: no image is decoded."""
     import hashlib
     h = hashlib.sha1()
-    if hasattr(ds, "samples"):
-        for p, y in ds.samples:
-            h.update(f"{os.path.relpath(p, ds.root)}\t{y}\n".encode())
+    if hasattr(ds, "samples"):   # ImageNet: 1.28M paths, about a second
+        cut = len(os.path.join(ds.root, ""))
+        h.update("\n".join(f"{p[cut:]}\t{y}" for p, y in ds.samples).encode())
     else:
         h.update(np.ascontiguousarray(ds.images[:1000]).tobytes())
     classes = len(getattr(ds, "classes", None) or []) or int(torch.as_tensor(ds.targets).max()) + 1

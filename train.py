@@ -650,9 +650,8 @@ def train(args):
     utils.fast_cuda(args.device)
 
     # ---- data: labels are never used below
-    train_set = data.load_dataset(args.data, args.data_dir, "train", data.train_transform(args.img_size, args.crop_min, args.aug,
-                                                                                  args.hflip, args.rotate),
-                                  args.download)
+    views = data.train_transform(args.img_size, args.crop_min, args.aug, args.hflip, args.rotate)
+    train_set = data.load_dataset(args.data, args.data_dir, "train", views, args.download)
     feat_set = data.load_dataset(args.data, args.feature_data_dir or args.data_dir, "train",
                                  data.eval_transform(args.data, args.img_size))
     if args.feature_data_dir:
