@@ -101,14 +101,21 @@ def test_resume_path_seeds_a_run_once_and_an_empty_resume_is_refused(tmp_path, c
     assert "--resume is empty (an unset variable?)" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    run(out, "--stop-after-epoch", "1")
+    return out
+
+
 @pytest.mark.parametrize("flag, value", [("--subset", "100"), ("--seed", "3"), ("--num-clusters", "30")])
-def test_a_resume_refuses_flags_it_cannot_honour(flag, value, tmp_path, capsys):
+def test_a_resume_refuses_flags_it_cannot_honour(flag, value, one_epoch, capsys):
     """--subset and --seed choose the images (and their views), --num-clusters is K0, used by
     the first clustering: changed on a resume they would train other data or do nothing."""
-    out = tmp_path / "run"
-    run(out, "--stop-after-epoch", "1")
+    before = os.path.getmtime(one_epoch / "checkpoint.pth")
     with pytest.raises(SystemExit):
-        run(out, flag, value)
+        run(one_epoch, flag, value)
+    assert os.path.getmtime(one_epoch / "checkpoint.pth") == before       # refused before anything was written
     err = capsys.readouterr().err
     assert f"with {flag} {value}: the run has {flag}" in err and "use the same value or another --out-dir" in err
 
