@@ -55,6 +55,12 @@ SETTINGS = {
     "28px": ["--img-size", "28"],
     "cw.5": ["--cluster-weight", "0.5"],
     "tau.2": ["--tau", "0.2"],
+    # the paper's ablations, each one flag of train.py: Table 5 (K fixed at K0), Table 6 (hard
+    # assignment, s = 1), Table 7 (constant kappa; fresh k-means every epoch instead of warm centroids)
+    "fixed-K": ["--no-merge"],
+    "hard": ["--soft-k", "1"],
+    "kappa-const": ["--kappa", "const"],
+    "reinit": ["--reinit-centroids"],
 }
 
 # name -> (train.py data flags, number of classes, a writer of its folder or None)
