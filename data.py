@@ -372,7 +372,7 @@ def feature_loader(ds, batch_size, args, term=False):
     which stays the training augmentations' alone (a resumed run repeats exactly). Not
     persistent: the workers exit after each pass instead of idling through a training epoch,
     each holding its own copy of the file list (ImageNet: 1.28M paths). term: the workers
-    ignore SIGTERM too (train.py, whose Stop acts on it after the pass; it then ends the
+    ignore SIGTERM too (train.py, whose run_safety.Checkpoints acts on it after the pass; it then ends the
     workers itself with close_iterator)."""
     batches = feature_batches(len(ds), batch_size, args.rank, args.world_size, args.seed)
     return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=args.workers,
@@ -387,14 +387,13 @@ def close_iterator(it):
         it._shutdown_workers()
 
 
-class EpochSampler(torch.utils.data.DistributedSampler):
-    """The training sampler: DistributedSampler's seeded shuffle and cut (drop_last), each
-    sample handed to the dataset as (seed, epoch, index) so that SeededSamples draws its
-    augmentation from those alone, and able to start part-way through an epoch (start, in
-    samples of this rank): a run stopped mid-epoch resumes at the next batch (train.py)."""
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler's seeded shuffle and cut, able to start part-way through an epoch
+    (start, in samples of this rank): a run stopped mid-epoch resumes at its next batch
+    (lincls.py; train.py through EpochSampler)."""
 
-    def __init__(self, ds, world_size, rank, seed):
-        super().__init__(ds, world_size, rank, shuffle=True, seed=seed, drop_last=True)
+    def __init__(self, ds, world_size, rank, seed, drop_last=False):
+        super().__init__(ds, world_size, rank, shuffle=True, seed=seed, drop_last=drop_last)
         self.start = 0
 
     def set_epoch(self, epoch, start=0):
@@ -402,11 +401,22 @@ class EpochSampler(torch.utils.data.DistributedSampler):
         self.start = start
 
     def __iter__(self):
-        order = list(super().__iter__())[self.start:]
-        return iter([(self.seed, self.epoch, i) for i in order])
+        return iter(list(super().__iter__())[self.start:])
 
     def __len__(self):
         return self.num_samples - self.start
+
+
+class EpochSampler(ResumableSampler):
+    """The training sampler: ResumableSampler with drop_last, each sample handed to the
+    dataset as (seed, epoch, index) so that SeededSamples draws its augmentation from those
+    alone."""
+
+    def __init__(self, ds, world_size, rank, seed):
+        super().__init__(ds, world_size, rank, seed, drop_last=True)
+
+    def __iter__(self):
+        return iter([(self.seed, self.epoch, i) for i in super().__iter__()])
 
 
 def sample_seed(seed, epoch, i):
@@ -450,7 +460,7 @@ class SeededSamples(torch.utils.data.Dataset):
 def ignore_stop_signals(worker_id, term=True):
     """A loader worker's worker_init_fn: SIGTERM and SIGUSR1 (a preemption, Slurm's time-limit
     warning) reach every process of a job, the workers too. They are for the training
-    process to act on (train.Stop: finish the step, checkpoint); a worker that died of one
+    process to act on (run_safety.Checkpoints: finish the step, checkpoint); a worker that died of one
     would end that process with "DataLoader worker exited unexpectedly" before it could.
     term=False (evaluate.py's and lincls.py's passes): SIGUSR1 only, so that SIGTERM still
     ends them as multiprocessing expects at exit. train.py's workers ignore both (a SIGTERM
@@ -481,6 +491,16 @@ def train_loader(ds, batch_size, args):
                                          drop_last=True, persistent_workers=args.workers > 0,
                                          generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
     return sampler, loader
+
+
+def sample_paths(ds):
+    """The file path of every sample (ImageFolder, possibly inside data.subset), or None."""
+    if hasattr(ds, "samples"):
+        return [p for p, _ in ds.samples]
+    if isinstance(ds, IndexedSubset):
+        inner = sample_paths(ds.ds)
+        return None if inner is None else [inner[int(i)] for i in ds.idx]
+    return None
 
 
 def subset(ds, n, seed=0):

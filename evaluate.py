@@ -20,7 +20,8 @@ Table 3 on ImageNet, 8 GPUs (each process embeds its share; the rest runs on ran
         --data-dir /datasets/imagenet
 A quick look on subsets (the default is the full train split -> the full val split):
     $ python evaluate.py --checkpoint runs/cpu/checkpoint.pth --train-subset 10000 --test-subset 2000
-An exported backbone (SiamMM.export_backbone):
+A checkpoint's backbone as a torchvision state_dict (no fc), and its evaluation:
+    $ python evaluate.py --checkpoint runs/in100/checkpoint.pth --export-backbone r50.pth
     $ python evaluate.py --backbone r50.pth --arch resnet50 --data imagenet --data-dir /datasets/imagenet
 
 Under torchrun the ranks share the decoding (the cost: 1.28M + 50k images); what follows runs
@@ -59,9 +60,10 @@ from tqdm import tqdm
 
 import data
 import report
+import run_safety
 import utils
 from cluster import VMFMixture, nearest_centroid
-from model import ModelConfig, build_backbone
+from model import load_checkpoint, load_pretrained
 from search import knn_votes, torch_search
 from utils import UserError, autocast
 
@@ -74,7 +76,7 @@ def get_args(argv=None):
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a train.py checkpoint (model, mixture and the training flags)")
-    src.add_argument("--backbone", help="an exported backbone state_dict (SiamMM.export_backbone); "
+    src.add_argument("--backbone", help="an exported backbone state_dict (evaluate.py --export-backbone); "
                      "give --arch, --data, --img-size (small stem and channels are read from its conv1)")
     # data and model: unset flags are read from the checkpoint's training flags
     p.add_argument("--data", choices=data.NAMES, help="default: the checkpoint's, else fashion-mnist")
@@ -86,8 +88,11 @@ def get_args(argv=None):
     p.add_argument("--train-subset", type=int, default=0, help="seeded random subset of the train split (0 = all)")
     p.add_argument("--test-subset", type=int, default=0, help="seeded random subset of the val split (0 = all)")
     p.add_argument("--encoder", default="online", choices=["online", "momentum"],
-                   help="backbone for kNN / probe: the online f (what export_backbone saves, MoCo v3's choice) "
-                   "or the momentum f_m")
+                   help="backbone for kNN / probe: the online f (MoCo v3's choice) or the momentum f_m")
+    p.add_argument("--export-backbone", metavar="PATH",
+                   help="only write the --checkpoint's --encoder backbone to PATH as a state_dict for "
+                        "torchvision.models.<arch>() (no fc; MoCo v3 converts its checkpoints the same way), then "
+                        "exit; evaluate.py and lincls.py read it with --backbone")
     # kNN (DINO eval_knn.py)
     p.add_argument("--knn-k", default="20", help="neighbours, comma-separated (DINO also reports 10,20,100,200)")
     p.add_argument("--knn-t", type=float, default=0.07, help="temperature of the votes exp(cos / T)")
@@ -115,7 +120,8 @@ def get_args(argv=None):
     # run
     p.add_argument("--out-dir", help="default: <checkpoint or backbone folder>/eval")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch, per process")
+    p.add_argument("--feature-batch-size", type=int, default=256,
+                   help="images per batch of the feature extraction, per process (train.py's flag of the same name)")
     p.add_argument("--workers", type=int, default=utils.default_workers(),
                    help="data-loading processes per process (default: this machine's cores over its processes, at "
                         "most 10: decoding is what extraction waits on)")
@@ -131,10 +137,10 @@ def get_args(argv=None):
         p.error(f"--knn-k {args.knn_k!r}: expected comma-separated integers such as 10,20,100,200")
     if not args.knn_k or min(args.knn_k) < 1:
         p.error("--knn-k needs positive integers")
-    if args.batch_size < 2:
-        p.error(f"--batch-size {args.batch_size}: at least 2 (the momentum embedding normalises with batch statistics)")
+    if args.feature_batch_size < 2:
+        p.error(f"--feature-batch-size {args.feature_batch_size}: at least 2 (the momentum embedding normalises with batch statistics)")
     args.mislabel_votes_asked = args.mislabel_votes   # auto is settled once the report split's size is known
-    utils.check_flags(p, args, positive=("knn_t", "probe_lr", "batch_size", "probe_batch_size", "grid_cols",
+    utils.check_flags(p, args, positive=("knn_t", "probe_lr", "feature_batch_size", "probe_batch_size", "grid_cols",
                                          "kmeans_redo", "raw_size", "img_size", "dist_timeout"),
                       non_negative=("train_subset", "test_subset", "probe_epochs", "grid_clusters", "mislabel_show",
                                     "workers"))
@@ -175,7 +181,7 @@ def extract(ds, backbone, embed, args, desc="features", dims=None):
     other ranks get None); dims: the feature and embedding widths, so that a rank with no
     batch (more ranks than batches) still sends rows of the right shape."""
     backbone.eval()
-    loader = data.feature_loader(ds, args.batch_size, args)
+    loader = data.feature_loader(ds, args.feature_batch_size, args)
     side = None if args.no_raw else raw_side(args)
     rows = {"feats": [], "emb": [], "raw": [], "labels": [], "index": []}
     for x, y, idx in tqdm(loader, desc=desc, leave=False, disable=not args.master):
@@ -385,107 +391,6 @@ def assign_clusters(z, centroids, device=None):
     return ids[:, 0].astype(np.int64), sims[:, 0].astype(np.float32), margin.astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- the model to measure
-def load_pretrained(args, device):
-    """The backbone to measure, its feature dimension, the embedding the mixture was fit on
-    (or None), the mixture (or None) and the training flags, from --checkpoint or --backbone.
-    Sets args.data, data_dir, img_size, arch from the checkpoint where no flag gave them."""
-    if args.checkpoint:
-        model, mixture, train_args = load_checkpoint(args)
-        model = model.to(device)
-        backbone = model.backbone if args.encoder == "online" else model.momentum_backbone
-        # the embedding as train.py's feature pass makes it: the same BN mode, and batches cut
-        # from a seeded permutation (evaluate.py's own --batch-size and --seed)
-        return backbone, model.feat_dim, (lambda x: model.embed(x, train_args["feature_bn"])), mixture, train_args
-    if args.encoder != "online":
-        raise UserError("--encoder momentum needs a --checkpoint (an exported backbone is the online one)")
-    backbone, feat_dim = load_backbone(args)
-    return backbone.to(device), feat_dim, None, None, {}
-
-
-def load_checkpoint(args):
-    """A train.py checkpoint -> (SiamMM in eval mode, VMFMixture or None, training flags).
-
-    The model settings (arch, stem, head widths, D) always come from the checkpoint; the
-    data settings come from it unless a flag overrides them (the data may have moved)."""
-    path = args.checkpoint
-    if not os.path.isfile(path):
-        raise UserError(f"--checkpoint {path}: no such file (train.py writes OUT_DIR/checkpoint.pth)")
-    ckpt = utils.load_checkpoint_file(path)
-    if not isinstance(ckpt, dict) or not {"model", "model_config", "args"} <= set(ckpt):
-        raise UserError(f"{path} is not a train.py checkpoint (no 'model', 'model_config' and 'args'); "
-                        "for an exported backbone use --backbone")
-    targs, cfg = ckpt["args"], ModelConfig(**ckpt["model_config"])
-    args.data = args.data or targs["data"]
-    args.data_dir = targs.get("data_dir", "") if args.data_dir is None else args.data_dir
-    args.img_size = args.img_size or targs["img_size"]
-    if args.arch and args.arch != cfg.arch:
-        raise UserError(f"--arch {args.arch} differs from the checkpoint's {cfg.arch}: drop --arch")
-    args.arch, args.small_stem, args.width = cfg.arch, cfg.small_stem, cfg.width
-    if data.SPECS[args.data].channels != cfg.in_chans:
-        raise UserError(f"the checkpoint was trained on {targs['data']} ({cfg.in_chans} channels); "
-                        f"--data {args.data} has {data.SPECS[args.data].channels}")
-    model = cfg.build()
-    # Evaluation uses f, f_m and g_m only (the predictor h serves training alone), so only
-    # their tensors must match: a change to the predictor does not lock old checkpoints out.
-    used = ("backbone.", "momentum_backbone.", "momentum_projector.")
-    sd = {k: v for k, v in ckpt["model"].items() if k.startswith(used)}
-    try:
-        missing, _ = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:   # shapes differ
-        raise UserError(f"{path} does not fit the model its flags describe: "
-                        + next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])) from None
-    missing = [k for k in missing if k.startswith(used)]
-    if missing:
-        raise UserError(f"{path} lacks {len(missing)} tensors of the backbone / momentum encoder (e.g. {missing[0]})")
-    mixture = None
-    if ckpt.get("mixture") is not None:
-        mixture = VMFMixture(cfg.dim, ckpt["mixture"]["centroids"].shape[0])
-        mixture.load_state_dict(ckpt["mixture"])
-    return model.eval(), mixture, targs | {"epoch": ckpt.get("epoch")}
-
-
-def load_backbone(args):
-    """An exported backbone state_dict -> (network without classifier, in eval mode, feature dim).
-
-    A ResNet's stem, width and input channels are read off conv1's weight (3 x 3 = small
-    stem; its first dimension = width, its second = channels), so only --arch must be right;
-    a wrong one fails to load."""
-    path = args.backbone
-    if not os.path.isfile(path):
-        raise UserError(f"--backbone {path}: no such file")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # a train.py checkpoint holds more than tensors (flags, RNG states)
-        hint = "; a train.py checkpoint? use --checkpoint" if "weights_only" in str(e) else ""
-        raise UserError(f"cannot read backbone {path}: {str(e).strip().splitlines()[0]}{hint}") from None
-    if not isinstance(sd, dict) or "model" in sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        hint = " (a train.py checkpoint: use --checkpoint)" if isinstance(sd, dict) and "model" in sd else ""
-        raise UserError(f"{path} is not a backbone state_dict (tensors by name){hint}")
-    args.data = args.data or "fashion-mnist"
-    args.data_dir = args.data_dir or ""
-    args.img_size = args.img_size or data.SPECS[args.data].img_size
-    args.arch = args.arch or "resnet18"
-    resnet = "conv1.weight" in sd      # the ResNet options, read off the stem; other networks have none
-    args.small_stem = resnet and sd["conv1.weight"].shape[-1] == 3
-    args.width, in_chans = sd["conv1.weight"].shape[:2] if resnet else (64, 3)
-    if in_chans != data.SPECS[args.data].channels:
-        raise UserError(f"the backbone takes {in_chans}-channel images; --data {args.data} has {data.SPECS[args.data].channels}")
-    try:
-        net, dim = build_backbone(args.arch, args.small_stem, in_chans, args.width)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    try:   # every key must match (fc is an Identity, so the exported backbone has no fc.*)
-        missing, unexpected = net.load_state_dict(sd, strict=False)
-        problem = (f"{len(missing)} missing tensors (e.g. {missing[0]})" if missing else
-                   f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})" if unexpected else None)
-    except RuntimeError as e:   # shapes differ
-        problem = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
-    if problem:
-        raise UserError(f"the weights in {path} do not fit --arch {args.arch}: {problem}")
-    return net.eval(), dim
-
-
 # ----------------------------------------------------------------------------- main
 def representation(train, test, num_classes, args, times):
     """Weighted kNN (DINO) and the quick linear probe on cached features, train -> test."""
@@ -544,6 +449,14 @@ def raw_baselines(train, test, metric, num_classes, args):
 def evaluate(args):
     t_start, times = time.time(), {}
     utils.setup_distributed(args, args.dist_timeout)
+    if args.export_backbone:
+        if not args.checkpoint:
+            raise UserError("--export-backbone writes a train.py --checkpoint's backbone; --backbone already is one")
+        model, _, _ = load_checkpoint(args)
+        run_safety.atomic_save(model.export_backbone(args.encoder), args.export_backbone)
+        print(f"{args.encoder} backbone of {args.checkpoint} ({args.arch}) -> {args.export_backbone}: "
+              f"evaluate.py or lincls.py --backbone {args.export_backbone} --arch {args.arch}")
+        return None
     backbone, feat_dim, embed, mixture, train_args = load_pretrained(args, args.device)
     if args.device.type == "cuda":
         backbone = backbone.to(memory_format=torch.channels_last)

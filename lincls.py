@@ -44,9 +44,9 @@ import torchvision.transforms as T
 from tqdm import tqdm
 
 import data
-import report
+import run_safety
 import utils
-from evaluate import load_pretrained
+from model import load_pretrained
 from utils import UserError, autocast
 
 
@@ -57,7 +57,7 @@ def get_args(argv=None):
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a train.py checkpoint (its online backbone, MoCo v3's base encoder)")
-    src.add_argument("--backbone", help="an exported backbone state_dict (SiamMM.export_backbone); give --arch, "
+    src.add_argument("--backbone", help="an exported backbone state_dict (evaluate.py --export-backbone); give --arch, "
                      "--data, --img-size")
     p.add_argument("--arch", help="--backbone only: torchvision ResNet name (default resnet18)")
     p.add_argument("--encoder", default="online", choices=["online", "momentum"], help="--checkpoint only: which backbone")
@@ -82,6 +82,8 @@ def get_args(argv=None):
     p.add_argument("--out-dir", help="default: <checkpoint or backbone folder>/lincls (finetune: /finetune<labels>)")
     p.add_argument("--resume", default="auto", help="auto: continue from OUT_DIR/checkpoint.pth if there (rerunning the "
                    "command, or a requeued job, continues the run); none: start afresh; or a checkpoint path")
+    p.add_argument("--checkpoint-minutes", type=float, default=30.0, help="also save a mid-epoch checkpoint this "
+                   "often (0: never); SIGTERM / SIGUSR1 save one and stop (run_safety.Checkpoints)")
     p.add_argument("--stop-after-epoch", type=int, default=0, help="exit after this epoch; resume later")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -99,7 +101,8 @@ def get_args(argv=None):
     if args.lr is None:
         args.lr = 0.1 if linear else 0.05
     utils.check_flags(p, args, positive=("epochs", "batch_size", "lr", "img_size", "dist_timeout"),
-                      non_negative=("weight_decay", "workers", "stop_after_epoch"), fractions=("crop_min",))
+                      non_negative=("weight_decay", "workers", "stop_after_epoch",
+                                                                                 "checkpoint_minutes"), fractions=("crop_min",))
     if not math.isfinite(args.lr):
         p.error(f"--lr {args.lr}: must be a finite number")
     if args.labels is not None and not 0 < args.labels <= 100:
@@ -148,7 +151,7 @@ def balanced_subset(labels, percent, seed=0):
 def split_file_subset(ds, path):
     """SimCLR's ImageNet label splits (1percent.txt, 10percent.txt): one file name a line,
     e.g. n01440764_10026.JPEG. Matched to the data set's files by base name."""
-    paths = report.sample_paths(ds)
+    paths = data.sample_paths(ds)
     if paths is None:
         raise UserError(f"--split-file needs an image folder data set (--data folder/imagenet), not {type(ds).__name__}")
     if not os.path.isfile(path):
@@ -182,10 +185,13 @@ def loaders(args):
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of the number of processes "
                         f"({args.world_size}): it is the global batch")
     per_rank = args.batch_size // args.world_size
-    sampler = torch.utils.data.DistributedSampler(views, args.world_size, args.rank, shuffle=True, seed=args.seed)
+    # the workers ignore SIGTERM and SIGUSR1: the process acts on them (run_safety.Checkpoints)
+    # and ends its workers itself (data.close_iterator)
+    sampler = data.ResumableSampler(views, args.world_size, args.rank, args.seed)
     train_loader = torch.utils.data.DataLoader(views, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
-                                               pin_memory=args.device.type == "cuda")
-    val_loader = data.feature_loader(val_set, 256, args)
+                                               pin_memory=args.device.type == "cuda",
+                                               worker_init_fn=data.ignore_stop_signals)
+    val_loader = data.feature_loader(val_set, 256, args, term=True)
     return train_loader, val_loader
 
 
@@ -211,32 +217,42 @@ def build_model(backbone, feat_dim, args):
 
 
 # ----------------------------------------------------------------------------- epochs
-def train_one_epoch(model, loader, optimizer, scaler, epoch, args):
+def train_one_epoch(model, loader, optimizer, scaler, epoch, args, checkpoints, start=None):
     """One epoch. linear: the model stays in eval mode, as in main_lincls: BatchNorm in train
     mode would revise the frozen backbone's running statistics. finetune: train mode, lr
-    cosine per step (SimCLR). Returns the mean loss and the training top-1."""
+    cosine per step (SimCLR). After every step but the last the ranks agree whether to
+    checkpoint mid-epoch (run_safety.Checkpoints); start: (step, LossSums) of a run resumed
+    mid-epoch. Returns the mean loss and the training top-1."""
     model.eval() if args.mode == "linear" else model.train()
-    sums = torch.zeros(3, device=args.device)   # loss x n, correct, n
-    steps = len(loader)
-    for i, (x, y, _) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not args.master,
-                                       leave=False)):
-        if args.mode == "finetune":
-            set_lr(optimizer, args, (epoch + i / steps) / args.epochs)
-        x, y = data.to_input(x, args.data, args.device), y.to(args.device, non_blocking=True)
-        with autocast(args.device, args.amp):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
-                             torch.full((), float(len(y)), device=args.device)])   # no host-to-GPU copy: no sync
+    first, meter = start or (0, run_safety.LossSums(args.device, skips_allowed=scaler.is_enabled(), terms=3))
+    steps = first + len(loader)   # the loader holds the steps not yet taken
+    batches = iter(loader)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not args.master, leave=False,
+               initial=first, total=steps)
+    try:
+        for i, (x, y, _) in enumerate(bar, first):
+            if args.mode == "finetune":
+                set_lr(optimizer, args, (epoch + i / steps) / args.epochs)
+            x, y = data.to_input(x, args.data, args.device), y.to(args.device, non_blocking=True)
+            with autocast(args.device, args.amp):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            # loss x n, correct, n (no host-to-GPU copy: no sync)
+            meter.add(loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
+                      torch.full((), float(len(y)), device=args.device))
+            if i % 20 == 0 or i == steps - 1:
+                run_safety.check_divergence(meter, bar, epoch, i, args, "Lower --lr")
+            checkpoints.after_step(i, steps, epoch, bar, args,
+                                   lambda: run_safety.MidEpoch(i + 1, meter.state_dict()))   # noqa: B023
+    finally:
+        data.close_iterator(batches)
     if args.distributed:
-        dist.all_reduce(sums)
-    loss, correct, n = sums.tolist()
-    if not math.isfinite(loss):
-        raise UserError(f"the loss is {loss} in epoch {epoch + 1}: lower --lr")
+        dist.all_reduce(meter.sums)
+    loss, correct, n, _ = meter.sums.tolist()
     return loss / max(n, 1), correct / max(n, 1)
 
 
@@ -246,12 +262,17 @@ def validate(model, loader, args):
     (the counts are all-reduced, so the result is exact on any number of processes)."""
     model.eval()
     sums = torch.zeros(3, device=args.device)   # top-1 correct, top-5 correct, n
-    for x, y, _ in tqdm(loader, desc="  validate", disable=not args.master, leave=False):
-        x, y = data.to_input(x, args.data, args.device), y.to(args.device, non_blocking=True)
-        with autocast(args.device, args.amp):
-            top = model(x).float().topk(min(5, args.num_classes), dim=1).indices
-        hit = top == y[:, None]
-        sums += torch.stack([hit[:, 0].sum().float(), hit.any(1).sum().float(), torch.full((), float(len(y)), device=args.device)])
+    batches = iter(loader)
+    try:
+        for x, y, _ in tqdm(batches, total=len(loader), desc="  validate", disable=not args.master, leave=False):
+            x, y = data.to_input(x, args.data, args.device), y.to(args.device, non_blocking=True)
+            with autocast(args.device, args.amp):
+                top = model(x).float().topk(min(5, args.num_classes), dim=1).indices
+            hit = top == y[:, None]
+            sums += torch.stack([hit[:, 0].sum().float(), hit.any(1).sum().float(),
+                                 torch.full((), float(len(y)), device=args.device)])
+    finally:
+        data.close_iterator(batches)
     if args.distributed:
         dist.all_reduce(sums)
     c1, c5, n = sums.tolist()
@@ -283,39 +304,56 @@ def run(args):
                                 nesterov=args.mode == "finetune", weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=args.device.type == "cuda" and args.amp == "fp16")
 
-    start, best = resume(*utils.open_run(args, "lincls.py", {"model", "optimizer", "epoch", "best_top1"}), raw,
-                         optimizer, scaler, args)
+    state = {"best": 0.0}   # the best top-1 so far, saved with every checkpoint
+    start, state["best"], within = resume(*run_safety.open_run(args, "lincls.py", {"model", "optimizer", "epoch",
+                                                                                  "best_top1"}),
+                                          raw, optimizer, scaler, args)
+
+    def save(epoch, steps, mid=None):   # every rank calls it (Checkpoints); rank 0 writes
+        if args.master:
+            run_safety.atomic_save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "scaler": scaler.state_dict(), "epoch": epoch + (mid is None),
+                                    "within": vars(mid) if mid else None, "best_top1": state["best"],
+                                    "args": run_safety.saved_args(args)}, os.path.join(args.out_dir, "checkpoint.pth"))
+    checkpoints = run_safety.Checkpoints(args, save)
     if args.master:
         print(f"{args.mode} | {args.arch} on {args.data} | {len(train_loader.dataset)} train images -> "
               f"{len(val_loader.dataset)} val | {args.world_size} x {args.device.type} | batch {args.batch_size} | "
               f"{args.epochs} epochs")
 
     top1 = top5 = None
-    for epoch in range(start, args.epochs):
-        t0 = time.time()
-        train_loader.sampler.set_epoch(epoch)
-        train_loader.dataset.epoch = epoch
-        if args.mode == "linear":
-            set_lr(optimizer, args, epoch / args.epochs)
-        loss, train_top1 = train_one_epoch(model, train_loader, optimizer, scaler, epoch, args)
-        if args.mode == "linear" or epoch == args.epochs - 1:
-            top1, top5 = validate(raw, val_loader, args)   # not through DDP: ranks may hold unequal batches
-            best = max(best, top1)
-        if args.mode == "linear":
-            sanity_check(raw, digest)
-        if args.master:
-            rec = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": loss, "train_top1": train_top1,
-                   "top1": top1, "top5": top5, "best_top1": best, "time": round(time.time() - t0, 2)}
-            with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(f"epoch {epoch + 1}/{args.epochs} | loss {loss:.4f} | train top-1 {train_top1:.4f}"
-                  + (f" | val top-1 {top1:.4f} top-5 {top5:.4f}" if top1 is not None else ""))
-            utils.atomic_save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scaler": scaler.state_dict(), "epoch": epoch + 1, "best_top1": best,
-                               "args": utils.saved_args(args)},
-                              os.path.join(args.out_dir, "checkpoint.pth"))
-        if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch:
-            break
+    epoch = start - 1
+    try:
+        for epoch in range(start, args.epochs):
+            t0, begin = time.time(), None
+            train_loader.dataset.epoch = epoch
+            if within:   # resumed mid-epoch: the next batch of this epoch, its loss sums so far
+                train_loader.sampler.set_epoch(epoch, within.step * (args.batch_size // args.world_size))
+                meter = run_safety.LossSums(args.device, skips_allowed=scaler.is_enabled(), terms=3)
+                meter.load_state_dict(within.meter, args.rank, args.world_size)
+                begin, within = (within.step, meter), None
+            else:
+                train_loader.sampler.set_epoch(epoch)
+            if args.mode == "linear":
+                set_lr(optimizer, args, epoch / args.epochs)
+            loss, train_top1 = train_one_epoch(model, train_loader, optimizer, scaler, epoch, args, checkpoints, begin)
+            if args.mode == "linear" or epoch == args.epochs - 1:
+                top1, top5 = validate(raw, val_loader, args)   # not through DDP: ranks may hold unequal batches
+                state["best"] = max(state["best"], top1)
+            if args.mode == "linear":
+                sanity_check(raw, digest)
+            run_safety.log_line(args, {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": loss,
+                                       "train_top1": train_top1, "top1": top1, "top5": top5, "best_top1": state["best"],
+                                       "time": round(time.time() - t0, 2)})
+            if args.master:
+                print(f"epoch {epoch + 1}/{args.epochs} | loss {loss:.4f} | train top-1 {train_top1:.4f}"
+                      + (f" | val top-1 {top1:.4f} top-5 {top5:.4f}" if top1 is not None else ""))
+            checkpoints.after_epoch(epoch, len(train_loader), args)
+            if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch:
+                break
+    finally:
+        checkpoints.close()
+    best = state["best"]
     res = None
     if args.master and top1 is not None and epoch + 1 == args.epochs:
         res = {"mode": args.mode, "top1": top1, "top5": top5, "best_top1": best, "epochs": args.epochs,
@@ -334,44 +372,28 @@ def run(args):
 
 # On resume: flags that make another protocol are refused; the optimisation's may change
 # (the command line wins, as in MoCo v3), and the run says which did.
-PROTOCOL_FLAGS = ("mode", "labels", "split_file", "encoder", "img_size", "data")
+PROTOCOL_FLAGS = {k: "another protocol" for k in ("mode", "labels", "split_file", "encoder", "img_size", "data")}
 TRAINING_FLAGS = ("lr", "epochs", "batch_size", "weight_decay", "momentum", "crop_min", "amp")
 
 
 def resume(ckpt, path, model, optimizer, scaler, args):
-    """--resume auto / PATH (read by utils.open_run, which also locks OUT_DIR and makes the
-    ranks agree): the classifier (or fine-tuned network), optimiser and scaler of the
-    checkpoint; returns (the epoch to start from, the best top-1 so far). The views are
-    seeded per image and epoch, so no RNG state is needed to repeat the uninterrupted run.
-    The log is cut back to the checkpoint's epoch (emptied for a fresh run)."""
-    log = os.path.join(args.out_dir, "log.jsonl")
+    """--resume auto / PATH (read by run_safety.open_run, which also locks OUT_DIR and makes
+    the ranks agree): the classifier (or fine-tuned network), optimiser and scaler of the
+    checkpoint; returns (the epoch to start from, the best top-1 so far, the MidEpoch of a
+    run stopped mid-epoch or None). The views are seeded per image and epoch, so no RNG
+    state is needed to repeat the uninterrupted run. The log is cut back to the
+    checkpoint's epoch (emptied for a fresh run)."""
     if ckpt is None:
         if args.master:
-            utils.trim_log(log, 0)
-        return 0, 0.0
+            run_safety.trim_log(os.path.join(args.out_dir, "log.jsonl"), 0)
+        return 0, 0.0, None
     saved = ckpt.get("args", {})
     if saved.get("source", args.source) != args.source:
         raise UserError(f"cannot resume {path}: it evaluates {saved['source']}, this command {args.source}; "
                         "give another --out-dir")
-    for k in PROTOCOL_FLAGS:   # another protocol is another run
-        if k in saved and saved[k] != getattr(args, k):
-            raise UserError(f"cannot resume {path} with --{k.replace('_', '-')} {getattr(args, k)}: it ran with "
-                            f"{saved[k]}; use the same value or another --out-dir")
-    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})" for k in TRAINING_FLAGS
-               if k in saved and saved[k] != getattr(args, k)]
-    if changed and args.master:   # MoCo v3: the command line wins, and says so
-        print(f"note: from epoch {ckpt['epoch'] + 1} on, this run differs from the checkpoint's flags: " + ", ".join(changed))
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise UserError(f"cannot resume {path}: {str(e).splitlines()[0]}; start a new --out-dir") from None
-    if scaler.is_enabled() and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    if args.master:
-        utils.trim_log(log, ckpt["epoch"])
-        print(f"resumed from {path} at epoch {ckpt['epoch']}")
-    return ckpt["epoch"], ckpt["best_top1"]
+    run_safety.check_resumed_flags(ckpt | {"args": saved}, args, path, PROTOCOL_FLAGS, noted=TRAINING_FLAGS)
+    within = run_safety.restore(ckpt, path, model, optimizer, scaler, args)
+    return ckpt["epoch"], ckpt["best_top1"], within
 
 
 def sanity_check(model, digest):

@@ -17,12 +17,18 @@ loads into torchvision.models.<arch>() unchanged (at the default width 64, Image
 import contextlib
 import copy
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+
+import data
+import run_safety
+from cluster import VMFMixture
+from utils import UserError
 
 
 def build_backbone(arch="resnet50", small_stem=False, in_chans=3, width=64):
@@ -219,7 +225,113 @@ class SiamMM(nn.Module):
         with stats:
             return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=1)
 
-    def export_backbone(self):
-        """The online backbone f as a state_dict for torchvision.models.<arch>(): every key
-        except fc (load with strict=False and check that only fc.* is missing)."""
-        return {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
+
+    def export_backbone(self, encoder="online"):
+        """The online backbone f (or the momentum f_m) as a state_dict for
+        torchvision.models.<arch>(): every key except fc (load with strict=False and check that
+        only fc.* is missing). evaluate.py --export-backbone writes it."""
+        net = self.backbone if encoder == "online" else self.momentum_backbone
+        return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- a pre-trained model to measure
+# evaluate.py and lincls.py read a train.py checkpoint (--checkpoint) or an exported backbone
+# (--backbone: a backbone state_dict, written by evaluate.py --export-backbone) through these.
+def load_pretrained(args, device):
+    """The backbone to measure, its feature dimension, the embedding the mixture was fit on
+    (or None), the mixture (or None) and the training flags, from --checkpoint or --backbone.
+    Sets args.data, data_dir, img_size, arch from the checkpoint where no flag gave them."""
+    if args.checkpoint:
+        model, mixture, train_args = load_checkpoint(args)
+        model = model.to(device)
+        backbone = model.backbone if args.encoder == "online" else model.momentum_backbone
+        # the embedding as train.py's feature pass makes it: the same BN mode, and batches cut
+        # from a seeded permutation (evaluate.py's own --feature-batch-size and --seed)
+        return backbone, model.feat_dim, (lambda x: model.embed(x, train_args["feature_bn"])), mixture, train_args
+    if args.encoder != "online":
+        raise UserError("--encoder momentum needs a --checkpoint (an exported backbone is the online one)")
+    backbone, feat_dim = load_backbone(args)
+    return backbone.to(device), feat_dim, None, None, {}
+
+
+def load_checkpoint(args):
+    """A train.py checkpoint -> (SiamMM in eval mode, VMFMixture or None, training flags).
+
+    The model settings (arch, stem, head widths, D) always come from the checkpoint; the
+    data settings come from it unless a flag overrides them (the data may have moved)."""
+    path = args.checkpoint
+    if not os.path.isfile(path):
+        raise UserError(f"--checkpoint {path}: no such file (train.py writes OUT_DIR/checkpoint.pth)")
+    ckpt = run_safety.load_checkpoint_file(path)
+    if not isinstance(ckpt, dict) or not {"model", "model_config", "args"} <= set(ckpt):
+        raise UserError(f"{path} is not a train.py checkpoint (no 'model', 'model_config' and 'args'); "
+                        "for an exported backbone use --backbone")
+    targs, cfg = ckpt["args"], ModelConfig(**ckpt["model_config"])
+    args.data = args.data or targs["data"]
+    args.data_dir = targs.get("data_dir", "") if args.data_dir is None else args.data_dir
+    args.img_size = args.img_size or targs["img_size"]
+    if args.arch and args.arch != cfg.arch:
+        raise UserError(f"--arch {args.arch} differs from the checkpoint's {cfg.arch}: drop --arch")
+    args.arch, args.small_stem, args.width = cfg.arch, cfg.small_stem, cfg.width
+    if data.SPECS[args.data].channels != cfg.in_chans:
+        raise UserError(f"the checkpoint was trained on {targs['data']} ({cfg.in_chans} channels); "
+                        f"--data {args.data} has {data.SPECS[args.data].channels}")
+    model = cfg.build()
+    # Evaluation uses f, f_m and g_m only (the predictor h serves training alone), so only
+    # their tensors must match: a change to the predictor does not lock old checkpoints out.
+    used = ("backbone.", "momentum_backbone.", "momentum_projector.")
+    sd = {k: v for k, v in ckpt["model"].items() if k.startswith(used)}
+    try:
+        missing, _ = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:   # shapes differ
+        raise UserError(f"{path} does not fit the model its flags describe: "
+                        + next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])) from None
+    missing = [k for k in missing if k.startswith(used)]
+    if missing:
+        raise UserError(f"{path} lacks {len(missing)} tensors of the backbone / momentum encoder (e.g. {missing[0]})")
+    mixture = None
+    if ckpt.get("mixture") is not None:
+        mixture = VMFMixture(cfg.dim, ckpt["mixture"]["centroids"].shape[0])
+        mixture.load_state_dict(ckpt["mixture"])
+    return model.eval(), mixture, targs | {"epoch": ckpt.get("epoch")}
+
+
+def load_backbone(args):
+    """An exported backbone state_dict -> (network without classifier, in eval mode, feature dim).
+
+    A ResNet's stem, width and input channels are read off conv1's weight (3 x 3 = small
+    stem; its first dimension = width, its second = channels), so only --arch must be right;
+    a wrong one fails to load."""
+    path = args.backbone
+    if not os.path.isfile(path):
+        raise UserError(f"--backbone {path}: no such file")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # a train.py checkpoint holds more than tensors (flags, RNG states)
+        hint = "; a train.py checkpoint? use --checkpoint" if "weights_only" in str(e) else ""
+        raise UserError(f"cannot read backbone {path}: {str(e).strip().splitlines()[0]}{hint}") from None
+    if not isinstance(sd, dict) or "model" in sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        hint = " (a train.py checkpoint: use --checkpoint)" if isinstance(sd, dict) and "model" in sd else ""
+        raise UserError(f"{path} is not a backbone state_dict (tensors by name){hint}")
+    args.data = args.data or "fashion-mnist"
+    args.data_dir = args.data_dir or ""
+    args.img_size = args.img_size or data.SPECS[args.data].img_size
+    args.arch = args.arch or "resnet18"
+    resnet = "conv1.weight" in sd      # the ResNet options, read off the stem; other networks have none
+    args.small_stem = resnet and sd["conv1.weight"].shape[-1] == 3
+    args.width, in_chans = sd["conv1.weight"].shape[:2] if resnet else (64, 3)
+    if in_chans != data.SPECS[args.data].channels:
+        raise UserError(f"the backbone takes {in_chans}-channel images; --data {args.data} has {data.SPECS[args.data].channels}")
+    try:
+        net, dim = build_backbone(args.arch, args.small_stem, in_chans, args.width)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    try:   # every key must match (fc is an Identity, so the exported backbone has no fc.*)
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+        problem = (f"{len(missing)} missing tensors (e.g. {missing[0]})" if missing else
+                   f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})" if unexpected else None)
+    except RuntimeError as e:   # shapes differ
+        problem = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+    if problem:
+        raise UserError(f"the weights in {path} do not fit --arch {args.arch}: {problem}")
+    return net.eval(), dim

@@ -71,20 +71,10 @@ def cluster_report(out_dir, ds, feats, labels, classes, assignment, args, device
     report["num_suspects"] = int(len(order))
     report["confidence"] = args.confidence
     write_mislabels_csv(report["mislabels_csv"], order, labels, suggested, share, rids, rcos, rmargin, classes,
-                        sample_paths(ds), ds.idx.numpy() if isinstance(ds, data.IndexedSubset) else None)
+                        data.sample_paths(ds), ds.idx.numpy() if isinstance(ds, data.IndexedSubset) else None)
     mislabel_grid(ds, order, labels, suggested, classes, report["mislabels_png"], args.mislabel_votes,
                   args.mislabel_show, size=thumb)
     return report
-
-
-def sample_paths(ds):
-    """The file path of every sample (ImageFolder, possibly inside data.subset), or None."""
-    if hasattr(ds, "samples"):
-        return [p for p, _ in ds.samples]
-    if isinstance(ds, data.IndexedSubset):
-        inner = sample_paths(ds.ds)
-        return None if inner is None else [inner[int(i)] for i in ds.idx]
-    return None
 
 
 def summary_table(res):

@@ -31,11 +31,10 @@ and then a checkpoint and one line of log.jsonl (save_checkpoint, log_epoch).
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
-import signal
-import sys
 import time
 
 import torch
@@ -43,6 +42,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import run_safety
 import utils
 from cluster import MERGE_RULES, Assignment, VMFMixture
 from loss import CLUSTER_LOSSES, INSTANCE_LOSSES, siammm_loss
@@ -61,28 +61,23 @@ PRESETS = {
     # run behind these values: bench/RESULTS.md, "Choosing the CPU default".
     "cpu": dict(data="fashion-mnist", arch="resnet18", small_stem=True, width=16, img_size=16, subset=5000,
                 proj_hidden=512, pred_hidden=512, dim=128, pca_dim=64, batch_size=128, epochs=48,
-                optimizer="sgd", lr=0.06, weight_decay=5e-4, warmup_epochs=0, momentum=0.99,
+                optimizer="sgd", lr=0.06, weight_decay=5e-4, warmup_epochs=0, ema_momentum=0.99,
                 num_clusters=500, crop_min=0.2, aug="moco", workers=2, merge_rule="eq11", merge_lambda=1.625),
     # sec. 5.1: ResNet-50, 3-layer 4096-d projector, 2-layer predictor, 256-d, K0 = 100,000,
-    # LARS (wd 1e-6, momentum 0.9), batch 4096, cosine lr, MoCo v3 augmentations. The paper's
-    # base lr values were lost in extraction; these are MoCo v3's ResNet-50 values, and
-    # MoCo v3's ResNet-50 recipes (its CONFIG.md) crop with --crop-min .2. The lambda of
-    # eq. 11 was lost too ("a percentile of the normalised pairwise distance"): 2.0 merges
-    # pairs below about the 2nd percentile, were d Gaussian. The merge rule is the paper's
-    # eq. 11: the likelihood rule (--merge-rule bic) needs no lambda and finds K on fixed
-    # features, but in training on Fashion-MNIST it kept 75 clusters for 10 classes
-    # (bench/RESULTS.md, "Where K stops"); nothing yet says it would stop near 1,000 here.
+    # LARS (wd 1e-6, momentum 0.9), batch 4096, cosine lr, MoCo v3 augmentations. The base lr
+    # values are MoCo v3's ResNet-50 ones, and MoCo v3's ResNet-50 recipes (its CONFIG.md)
+    # crop with --crop-min .2. lambda of eq. 11 (sec. 5.1: "a percentile of the normalised
+    # pairwise distance"): 2.0 merges pairs below about the 2nd percentile, were d Gaussian.
+    # The merge rule is the paper's eq. 11: the likelihood rule (--merge-rule bic) needs no
+    # lambda and finds K on fixed features, but in training on Fashion-MNIST it kept 75
+    # clusters for 10 classes (bench/RESULTS.md, "Where K stops").
     "imagenet-100ep": dict(data="imagenet", arch="resnet50", small_stem=False, width=64, img_size=224, subset=0,
                            proj_hidden=4096, pred_hidden=4096, dim=256, pca_dim=150, batch_size=4096,
                            epochs=100, optimizer="lars", lr=0.6, weight_decay=1e-6, warmup_epochs=10,
-                           momentum=0.99, num_clusters=100000, crop_min=0.2, aug="moco", workers=10, merge_rule="eq11",
-                           merge_lambda=2.0),
-    "imagenet-200ep": dict(data="imagenet", arch="resnet50", small_stem=False, width=64, img_size=224, subset=0,
-                           proj_hidden=4096, pred_hidden=4096, dim=256, pca_dim=150, batch_size=4096,
-                           epochs=200, optimizer="lars", lr=0.5, weight_decay=1e-6, warmup_epochs=10,
-                           momentum=0.99, num_clusters=100000, crop_min=0.2, aug="moco", workers=10, merge_rule="eq11",
+                           ema_momentum=0.99, num_clusters=100000, crop_min=0.2, aug="moco", workers=10, merge_rule="eq11",
                            merge_lambda=2.0),
 }
+PRESETS["imagenet-200ep"] = PRESETS["imagenet-100ep"] | dict(epochs=200, lr=0.5)   # the same run, twice as long
 
 
 def get_args(argv=None):
@@ -115,7 +110,8 @@ def get_args(argv=None):
     p.add_argument("--proj-hidden", type=int, help="projector hidden width (paper 4096)")
     p.add_argument("--pred-hidden", type=int, help="predictor hidden width (paper 4096)")
     p.add_argument("--dim", type=int, help="embedding dimension D (paper 256)")
-    p.add_argument("--momentum", type=float, help="initial EMA momentum m0, cosine-scheduled to 1")
+    p.add_argument("--ema-momentum", type=float, help="m0 of the momentum encoder's EMA, cosine-scheduled to 1 "
+                   "(MoCo v3's --moco-m; SGD's momentum is fixed at 0.9)")
     # optimisation (sec. 5.1)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="total over all GPUs")
@@ -195,8 +191,39 @@ def get_args(argv=None):
     if not pca_dim_given and args.dim is not None:   # a preset's d' follows a smaller --dim; a given one is checked
         args.pca_dim = min(args.pca_dim, args.dim)
     args.out_dir = args.out_dir or os.path.join("runs", args.preset)
+    check_keywords(p)
     check_args(p, args)
     return args
+
+
+# Flags reach the losses and merge rules by name (siammm_loss(**vars(args)), merge(**vars(args))),
+# so a keyword whose name matches no flag of its family would silently keep its own default.
+# Each family's own flags (those passed by name to every function of the family, which takes
+# what it reads and ignores the rest through **_); check_keywords holds them to it at start-up.
+# (A merge rule's `neighbours`, candidate pairs per cluster, is its caller's: tests pass it.)
+KEYWORD_FLAGS = {"instance_loss": (INSTANCE_LOSSES, ("q1", "q2", "k1", "k2"), ("infonce_t",)),
+                 "cluster_loss": (CLUSTER_LOSSES, ("q", "k", "a"), ("neg_t", "num_neg")),
+                 "merge_rule": (MERGE_RULES, ("mixture", "view_distance", "neighbours"), ("merge_lambda",))}
+
+
+def check_keywords(p):
+    """A function of a family (KEYWORD_FLAGS) that takes a keyword other than its data and its
+    family's flags (a renamed or new flag that was not added, or a name that belongs to
+    another flag, e.g. eq. 10's --tau), or a family flag that none of its functions reads:
+    stop with one line naming both."""
+    for selector, (registry, data_args, flags) in KEYWORD_FLAGS.items():
+        read = set()
+        for name, fn in registry.items():
+            takes = {k for k, v in inspect.signature(fn).parameters.items()
+                     if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)} - set(data_args)
+            read |= takes
+            for k in sorted(takes - set(flags)):
+                p.error(f"{fn.__module__}.{fn.__name__} (--{selector.replace('_', '-')} {name}) takes '{k}', which is "
+                        f"not one of its flags ({', '.join(utils.flag(f) for f in flags)}): rename it to its flag, or "
+                        f"add the flag to train.py's KEYWORD_FLAGS['{selector}']")
+        for k in sorted(set(flags) - read):
+            p.error(f"{utils.flag(k)} is a flag of --{selector.replace('_', '-')}, but no function of it "
+                    f"({', '.join(registry)}) takes '{k}': rename the keyword, or remove the flag")
 
 
 def check_args(p, args):
@@ -216,8 +243,8 @@ def check_args(p, args):
         p.error(f"--rotate {args.rotate}: the largest rotation lies in [0, 180] degrees")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         p.error(f"--lr {args.lr}: must be a positive number (the base lr; the actual lr is lr x batch-size / 256)")
-    if not 0 <= args.momentum <= 1:
-        p.error(f"--momentum {args.momentum}: the EMA momentum m0 lies in [0, 1]")
+    if not 0 <= args.ema_momentum <= 1:
+        p.error(f"--ema-momentum {args.ema_momentum}: the EMA momentum m0 lies in [0, 1]")
     if args.feature_data_dir and args.data == "fashion-mnist":
         p.error("--feature-data-dir is for image folders (--data folder or imagenet): Fashion-MNIST is read from memory")
     if args.pca_dim > args.dim:   # only a --pca-dim given on the command line can be (get_args)
@@ -296,116 +323,6 @@ def model_config(args):
     return ModelConfig(in_chans=data.SPECS[args.data].channels, **shape)
 
 
-class LossMeter:
-    """The epoch's mean loss terms, summed on the device (no synchronisation per step), and
-    the divergence check. Under fp16 a non-finite loss is a step that GradScaler skips (it
-    halves the scale and goes on; the weights are untouched): it is left out of the means,
-    and only a long run of such steps in a row means divergence. Without a scaler a
-    non-finite loss has already reached the weights: stop at once."""
-
-    MAX_SKIPS_IN_A_ROW = 20   # the loss scale halved 20 times (1e-6): no longer an fp16 overflow
-
-    def __init__(self, device, skips_allowed=False):
-        self.sums = torch.zeros(5, device=device)   # loss, L_inst, L_clus, view distance, finite steps
-        self.bad = torch.zeros((), device=device, dtype=torch.long)
-        self.bad_run = torch.zeros((), device=device, dtype=torch.long)
-        self.skips_allowed, self.steps, self.checked = skips_allowed, 0, 0
-
-    def add(self, loss, l_inst, l_clus, views):
-        ok = torch.isfinite(loss)
-        terms = torch.stack([loss.detach(), l_inst, l_clus, views, torch.ones_like(l_inst)])
-        self.sums += torch.where(ok, terms, torch.zeros_like(terms))
-        self.bad += ~ok
-        self.bad_run = (self.bad_run + 1) * ~ok
-        self.steps += 1
-
-    def check(self):
-        """None, or what is wrong (synchronises with the device: call it every few steps)."""
-        bad, run, window = int(self.bad), int(self.bad_run), self.steps - self.checked
-        self.bad.zero_()
-        self.checked = self.steps
-        if bad and not self.skips_allowed:
-            return f"the loss was not finite in {bad} of the last {window} steps"
-        if run >= self.MAX_SKIPS_IN_A_ROW:
-            return f"the loss was not finite in {run} steps in a row (fp16: GradScaler skipped each)"
-        return None
-
-    def means(self):
-        s = self.sums.tolist()
-        return [v / max(s[4], 1) for v in s[:4]]
-
-    def state_dict(self):
-        """For a mid-epoch checkpoint: every rank's sums so far (world x 5; a collective, every
-        rank calls it); the divergence counters are this rank's."""
-        sums = [self.sums.clone()]
-        if utils.distributed():
-            sums = [torch.zeros_like(self.sums) for _ in range(dist.get_world_size())]
-            dist.all_gather(sums, self.sums.to(utils.reduce_device()).clone())
-        return {"sums": torch.stack(sums).cpu(), "bad": self.bad.cpu(), "bad_run": self.bad_run.cpu(),
-                "steps": self.steps, "checked": self.checked}
-
-    def load_state_dict(self, sd, rank=0, world_size=1):
-        """Each rank its own sums, so the epoch's all-reduce adds the same numbers in the same
-        order as if never stopped (resumed on fewer ranks: rank 0 takes the rest)."""
-        sums = sd["sums"]
-        mine = sums[rank] if rank < len(sums) else torch.zeros_like(sums[0])
-        if rank == 0 and len(sums) > world_size:
-            mine = mine + sums[world_size:].sum(0)
-        self.sums = mine.to(self.sums.device)
-        self.bad, self.bad_run = sd["bad"].to(self.sums.device), sd["bad_run"].to(self.sums.device)
-        self.steps, self.checked = sd["steps"], sd["checked"]
-
-
-class Stop:
-    """Stopping mid-epoch without losing it. SIGTERM (a preemption; Slurm's requeue and
-    scancel; torchrun passing on its own SIGTERM) and SIGUSR1 (Slurm's --signal warning before
-    the time limit) only set a flag. After each training step the ranks agree on it (one
-    all-reduce of two numbers: max over ranks, so a signal that reached one rank stops all),
-    every rank finishes the same step, rank 0 writes a mid-epoch checkpoint, and the run
-    exits with 128 + the signal's number (the shell's code for "ended by that signal"; the
-    run is unfinished). Rerunning the command continues at the next step, bit-identical to
-    a run never stopped. A signal during the feature pass or clustering waits for the first
-    step (ImageNet: 1-3 min, within Slurm's --signal lead time in slurm.sbatch).
-    --checkpoint-minutes: rank 0's clock also asks for a mid-epoch checkpoint, without
-    stopping, when that long has passed since the last one (bounds what a kill -9 loses)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self, args, save):
-        self.signum, self.minutes, self.save, self.last = 0, args.checkpoint_minutes, save, time.time()
-        self.before = {s: signal.signal(s, self._catch) for s in self.SIGNALS}
-
-    def close(self):   # the handlers train.py found (main() may be called from Python, e.g. a test)
-        for s, h in self.before.items():
-            signal.signal(s, h)
-
-    def _catch(self, signum, frame):
-        self.signum = signum
-
-    def poll(self, args):
-        """(signal number or 0, whether a timed checkpoint is due), equal on every rank."""
-        due = args.master and self.minutes > 0 and time.time() - self.last > self.minutes * 60
-        flags = torch.tensor([self.signum, int(due)])
-        if args.distributed:
-            flags = flags.to(utils.reduce_device())
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        signum, due = flags.tolist()
-        return signum, bool(due)
-
-    def checkpoint(self, epoch, steps, within=None):
-        self.save(epoch, steps, within)
-        self.last = time.time()
-
-    def exit(self, signum, where, args):
-        if args.master:
-            print(f"{signal.Signals(signum).name}: stopped at {where}, checkpoint saved in {args.out_dir}; "
-                  f"{utils.rerun_hint(args)}", flush=True)
-        if args.distributed:
-            dist.barrier()
-            dist.destroy_process_group()
-        sys.exit(128 + signum)
-
-
 # ----------------------------------------------------------------------------- steps 1-2: feature pass, E/M step
 @torch.no_grad()
 def feature_pass(model, loader, args):
@@ -414,7 +331,7 @@ def feature_pass(model, loader, args):
     model.eval()  # with --feature-bn batch, embed() switches BN to batch statistics itself
     feats, index = [], []
     batches = iter(loader)
-    try:   # the workers ignore SIGTERM (Stop acts on it after the pass): end them here on every way out
+    try:   # the workers ignore SIGTERM (run_safety.Checkpoints acts on it after the pass): end them here on every way out
         for x, _, idx in tqdm(batches, total=len(loader), desc="  features", disable=not args.master, leave=False):
             x = data.to_input(x, args.data, args.device)
             with autocast(args.device, args.feature_amp):
@@ -445,21 +362,21 @@ def cluster_step(model, mixture, loader, n_total, args, times):
 
 
 # ----------------------------------------------------------------------------- step 3: training
-def train_one_epoch(model, loader, optimizer, scaler, assignment, epoch, args, times, stop, start=None):
+def train_one_epoch(model, loader, optimizer, scaler, assignment, epoch, args, times, checkpoints, start=None):
     """Step 3: one pass over the shuffled training set with L = L_inst + lambda_c L_clus
     (eq. 13). lr and the EMA momentum follow their schedules per iteration (sec. 5.1, MoCo
     v3); each image's cluster assignment is looked up by its dataset index in the tables
     of this epoch's E-step (assignment is None in cluster warm-up epochs: eq. 12 only).
-    After every step but the last, the ranks agree whether to checkpoint mid-epoch (Stop);
-    start: (step, LossMeter) of a run resumed mid-epoch. Returns the log fields of the epoch."""
+    After every step but the last, the ranks agree whether to checkpoint mid-epoch (run_safety);
+    start: (step, LossSums) of a run resumed mid-epoch. Returns the log fields of the epoch."""
     module = model.module if args.distributed else model
-    first, meter = start or (0, LossMeter(args.device, skips_allowed=scaler.is_enabled()))
+    first, meter = start or (0, run_safety.LossSums(args.device, skips_allowed=scaler.is_enabled()))
     t0, steps = time.time(), first + len(loader)   # the loader holds the steps not yet taken
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not args.master, leave=False,
                initial=first, total=steps)
     for i, ((x1, x2), _, idx) in enumerate(bar, first):
         t = epoch + i / steps
-        lr, m = lr_at(t, args), utils.cosine_schedule(t, args.epochs, args.momentum, final=1.0)   # MoCo v3: m0 -> 1
+        lr, m = lr_at(t, args), utils.cosine_schedule(t, args.epochs, args.ema_momentum, final=1.0)   # MoCo v3: m0 -> 1
         for g in optimizer.param_groups:
             g["lr"] = lr
         x1, x2 = data.to_input(x1, args.data, args.device), data.to_input(x2, args.data, args.device)
@@ -477,31 +394,16 @@ def train_one_epoch(model, loader, optimizer, scaler, assignment, epoch, args, t
         # embeddings of its two views (the 'views' merge rule reads it; logged for every run)
         meter.add(loss, l_inst, l_clus, (1 - (k1.float() * k2.float()).sum(1)).mean())
         if i % 20 == 0 or i == steps - 1:
-            check_divergence(meter, bar, epoch, i, args)
+            run_safety.check_divergence(meter, bar, epoch, i, args, "Lower --lr, or check --tau, --kappa-clip and the data")
             bar.set_postfix(dict(zip(("loss", "inst", "clus"), (f"{v:.4f}" for v in meter.means()[:3]))) | {"lr": f"{lr:.3g}"})
-        if i < steps - 1:   # after the last step the epoch ends as usual (merge, log, checkpoint)
-            signum, due = stop.poll(args)
-            if signum or due:
-                bar.close()
-                stop.checkpoint(epoch, steps, {"step": i + 1, "assignment": assignment, "meter": meter.state_dict()})
-                if signum:
-                    stop.exit(signum, f"epoch {epoch + 1}, step {i + 1}/{steps}", args)
+        checkpoints.after_step(i, steps, epoch, bar, args, lambda: run_safety.MidEpoch(   # noqa: B023 (called at once)
+            i + 1, meter.state_dict(), assignment and {k: v.cpu() for k, v in dataclasses.asdict(assignment).items()}))
     if args.distributed:
         dist.all_reduce(meter.sums)
     times["training"] = time.time() - t0
     loss, l_inst, l_clus, views = meter.means()
     return {"loss": loss, "loss_inst": l_inst, "loss_clus": l_clus, "view_distance": views, "lr": lr, "momentum": m,
             "images_per_s": (steps - first) * args.batch_size / times["training"]}
-
-
-def check_divergence(meter, bar, epoch, step, args):
-    problem = meter.check()
-    if problem:
-        bar.close()
-        ckpt = os.path.join(args.out_dir, "checkpoint.pth")
-        kept = f"the last good checkpoint, {ckpt}, is kept" if os.path.exists(ckpt) else "no checkpoint was written yet"
-        raise UserError(f"{problem} at epoch {epoch + 1}, step {step}: training diverged; {kept}. "
-                        "Lower --lr, or check --tau, --kappa-clip and the data")
 
 
 # ----------------------------------------------------------------------------- step 4: merging
@@ -542,26 +444,23 @@ FIXED_FLAGS = {"subset": "which images are trained on", "seed": "the subset and 
 
 def save_checkpoint(model, optimizer, scaler, mixture, epoch, steps, args, within=None):
     """Everything a resumed run needs to continue exactly: weights, the model's shape,
-    optimiser, AMP scaler, mixture, epoch and step, every rank's RNG state, the flags. Rank 0 writes it
-    atomically (utils.atomic_save); every rank takes part in gathering the RNG states.
-    within: a mid-epoch checkpoint (Stop) after `step` steps of epoch `epoch`: "epoch" then
-    counts the epochs completed, and it also holds the epoch's E-step tables (assignment:
-    ImageNet N x s = 1.28M x 3 nbr and w, 46 MB) and its loss sums so far."""
+    optimiser, AMP scaler, mixture, epoch and step, every rank's RNG state, the flags. Rank 0
+    writes it atomically (run_safety.atomic_save); every rank takes part in gathering the RNG
+    states. within: a run_safety.MidEpoch after `step` steps of epoch `epoch` ("epoch" then
+    counts the epochs completed), with the epoch's E-step tables (ImageNet N x s = 1.28M x 3
+    nbr and w, 46 MB) and its loss sums so far."""
     rng = utils.gather_rng(args)
     if not args.master:
         return
-    done = epoch + (within is None)
-    if within and within["assignment"] is not None:
-        within = within | {"assignment": {k: v.cpu() for k, v in dataclasses.asdict(within["assignment"]).items()}}
     ckpt = {"model": model.state_dict(), "model_config": dataclasses.asdict(model_config(args)),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "mixture": mixture.state_dict() if mixture.centroids is not None else None,
-            "epoch": done, "step": epoch * steps + (within["step"] if within else steps), "within": within,
-            "args": utils.saved_args(args), "rng": rng}
+            "epoch": epoch + (within is None), "step": epoch * steps + (within.step if within else steps),
+            "within": vars(within) if within else None, "args": run_safety.saved_args(args), "rng": rng}
     paths = [os.path.join(args.out_dir, "checkpoint.pth")]
     if within is None and args.save_every and (epoch + 1) % args.save_every == 0:
         paths.append(os.path.join(args.out_dir, f"checkpoint_epoch{epoch + 1}.pth"))
-    utils.atomic_save(ckpt, *paths)
+    run_safety.atomic_save(ckpt, *paths)
 
 
 def log_epoch(record, mixture, merge, times, t_epoch, args):
@@ -573,8 +472,7 @@ def log_epoch(record, mixture, merge, times, t_epoch, args):
         record |= mixture.summary() | {"merged": merge[0]} | merge[1]
     if not args.master:
         return
-    with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:   # an OSError: one line (utils.guard)
-        f.write(json.dumps(record) + "\n")
+    run_safety.log_line(args, record)
     k_txt = f" | K {record['K']} (merged {record['merged']})" if merge is not None else ""
     print(f"epoch {record['epoch']}/{args.epochs} | loss {record['loss']:.4f} (inst {record['loss_inst']:.4f}, "
           f"clus {record['loss_clus']:.4f}){k_txt} | {record['images_per_s']:.0f} img/s | {record['time']['epoch']:.0f}s")
@@ -582,26 +480,22 @@ def log_epoch(record, mixture, merge, times, t_epoch, args):
 
 def resume(ckpt, path, model, optimizer, scaler, mixture, args):
     """--resume auto / PATH: load everything save_checkpoint wrote and return the epoch to
-    start from (0 without a checkpoint) and, for a mid-epoch checkpoint, where in it. The model flags must match the checkpoint's; every
-    other flag comes from this command line, as in MoCo v3 (a new lambda, a longer
-    --epochs), and a resumed run says which differ. The log is cut back to the checkpoint's
-    epoch, so an epoch logged but not saved before a crash is not logged twice."""
+    start from (0 without a checkpoint) and, for a mid-epoch checkpoint, its MidEpoch. The
+    model flags must match the checkpoint's, and the data be the same images (they may have
+    moved: a node-local copy after a requeue); other flags are checked by run_safety."""
     if ckpt is None:
         if args.master:   # a fresh run: an old run's lines would mix into Fig. 2's K curve
-            utils.trim_log(os.path.join(args.out_dir, "log.jsonl"), 0)
+            run_safety.trim_log(os.path.join(args.out_dir, "log.jsonl"), 0)
         return 0, None
     saved = ckpt["args"]
     mine = dataclasses.asdict(model_config(args)) | {"data": args.data}
     for k, was in (ckpt["model_config"] | {"data": saved["data"]}).items():
         if was != mine[k]:
-            flag = "--data (its channels)" if k == "in_chans" else f"--{k.replace('_', '-')}"
+            flag = "--data (its channels)" if k == "in_chans" else utils.flag(k)
             raise UserError(f"cannot resume {path}: it was trained with {flag} {was}, "
                             f"this run has {mine[k]}; use the same setting or another --out-dir")
-    for k, what in FIXED_FLAGS.items():
-        if k in saved and saved[k] != getattr(args, k) and (k != "num_clusters" or ckpt["mixture"] is not None):
-            flag = f"--{k.replace('_', '-')}"
-            raise UserError(f"cannot resume {path} with {flag} {getattr(args, k)}: the run has {flag} {saved[k]} "
-                            f"({what}); use the same value or another --out-dir")
+    fixed = {k: v for k, v in FIXED_FLAGS.items() if k != "num_clusters" or ckpt["mixture"] is not None}
+    run_safety.check_resumed_flags(ckpt, args, path, fixed, quiet=RUN_FLAGS)
     was, now = saved.get("data_fingerprint"), getattr(args, "data_fingerprint", None)
     if was and was != now:   # another folder, or the same one changed: not the images this run trained on
         raise UserError(f"cannot resume {path}: --data-dir {args.data_dir or '(default)'} holds {now}, the run "
@@ -609,29 +503,13 @@ def resume(ckpt, path, model, optimizer, scaler, mixture, args):
                         "the same data or use another --out-dir")
     if args.master and was and saved.get("data_dir") != args.data_dir:
         print(f"note: reading the run's data from {args.data_dir} (was {saved['data_dir']}): the same {now}")
-    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})" for k in sorted(saved)
-               if k not in RUN_FLAGS and k in vars(args) and saved[k] != getattr(args, k)]
-    if changed and args.master:
-        print(f"note: from epoch {ckpt['epoch'] + 1} on, this run differs from the checkpoint's flags: " + ", ".join(changed))
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError) as e:  # a checkpoint of another code version or model
-        raise UserError(f"cannot resume {path}: its weights do not fit this model "
-                        f"({str(e).splitlines()[0]}); start a new --out-dir") from None
-    if scaler.is_enabled() and ckpt["scaler"]:   # empty when saved by a bf16, fp32 or CPU run
-        scaler.load_state_dict(ckpt["scaler"])
+    within = run_safety.restore(ckpt, path, model, optimizer, scaler, args)
     if ckpt["mixture"] is not None:
         mixture.load_state_dict(ckpt["mixture"])
     if args.rank < len(ckpt["rng"]):
         utils.set_rng_state(ckpt["rng"][args.rank], args.device)
     else:   # more processes than saved the checkpoint: a stream of its own, not a copy of rank 0's
         utils.seed_all(args.seed + args.rank + 1000 * ckpt["epoch"])
-    within = ckpt.get("within")
-    if args.master:
-        utils.trim_log(os.path.join(args.out_dir, "log.jsonl"), ckpt["epoch"])
-        at = f", step {within['step']} of epoch {ckpt['epoch'] + 1}" if within else ""
-        print(f"resumed from {path} at epoch {ckpt['epoch']}{at}")
     return ckpt["epoch"], within
 
 
@@ -678,23 +556,23 @@ def train(args):
     mixture = VMFMixture(args.dim, args.num_clusters, kappa=args.kappa, pca_dim=args.pca_dim, init_iters=args.init_iters,
                          kmeans_iters=args.kmeans_iters, reinit_centroids=args.reinit_centroids, nredo=args.nredo,
                          kappa_clip=args.kappa_clip, births=args.births, seed=args.seed, device=args.device)
-    start_epoch, within = resume(*utils.open_run(args, "train.py", {"model", "model_config", "args", "epoch"}), module,
-                                 optimizer, scaler, mixture, args)
-    stop = Stop(args, lambda epoch, steps, within: save_checkpoint(module, optimizer, scaler, mixture, epoch, steps,
-                                                                   args, within))
+    start_epoch, within = resume(*run_safety.open_run(args, "train.py", {"model", "model_config", "args", "epoch"}),
+                                 module, optimizer, scaler, mixture, args)
+    checkpoints = run_safety.Checkpoints(args, lambda epoch, steps, within: save_checkpoint(
+        module, optimizer, scaler, mixture, epoch, steps, args, within))
     if args.master and preset_note(args):
         print(preset_note(args), flush=True)
     if args.master:
         print(f"SiamMM | {args.arch} on {args.data} (N = {N}) | {args.world_size} x {args.device.type} | "
               f"batch {args.batch_size} | {args.epochs} epochs | K0 = {args.num_clusters} | E-step search: {search_backend(args.device)}")
         with open(os.path.join(args.out_dir, "args.json"), "w") as f:   # an OSError: one line (utils.guard)
-            json.dump(utils.saved_args(args), f, indent=1)
+            json.dump(run_safety.saved_args(args), f, indent=1)
 
     try:
         run_epochs(model, module, optimizer, scaler, mixture, sampler, loader, feat_loader, N, start_epoch, within,
-                   stop, args)
+                   checkpoints, args)
     finally:
-        stop.close()
+        checkpoints.close()
         data.shutdown_workers(loader)
     if args.distributed:
         dist.barrier()
@@ -703,31 +581,28 @@ def train(args):
 
 
 def run_epochs(model, module, optimizer, scaler, mixture, sampler, loader, feat_loader, N, start_epoch, within,
-               stop, args):
+               checkpoints, args):
     """The epochs: sec. 5.1's four steps each, then the log line and the checkpoint."""
     steps = len(loader)
     for epoch in range(start_epoch, args.epochs):
         t_epoch, times, start = time.time(), {}, None
         if within:   # resumed mid-epoch: this epoch's E-step and loss sums come from the checkpoint
-            sampler.set_epoch(epoch, within["step"] * (args.batch_size // args.world_size))
-            a = within["assignment"]
+            sampler.set_epoch(epoch, within.step * (args.batch_size // args.world_size))
+            a = within.assignment
             assignment = Assignment(**{k: v.to(args.device) for k, v in a.items()}) if a else None
-            meter = LossMeter(args.device, skips_allowed=scaler.is_enabled())
-            meter.load_state_dict(within["meter"], args.rank, args.world_size)
-            start, within = (within["step"], meter), None
+            meter = run_safety.LossSums(args.device, skips_allowed=scaler.is_enabled())
+            meter.load_state_dict(within.meter, args.rank, args.world_size)
+            start, within = (within.step, meter), None
         else:
             sampler.set_epoch(epoch)
             assignment = None
             if epoch >= args.cluster_warmup_epochs and args.cluster_weight > 0:
                 assignment = cluster_step(module, mixture, feat_loader, N, args, times)                   # 1, 2
         record = {"epoch": epoch + 1} | train_one_epoch(model, loader, optimizer, scaler, assignment, epoch, args,
-                                                        times, stop, start)                                # 3
+                                                        times, checkpoints, start)                         # 3
         merge = merge_step(mixture, record["view_distance"], args, times) if assignment else None        # 4
         log_epoch(record, mixture, merge, times, t_epoch, args)
-        stop.checkpoint(epoch, steps)
-        signum, _ = stop.poll(args)   # a signal during the last step: the epoch is saved, stop here
-        if signum:
-            stop.exit(signum, f"the end of epoch {epoch + 1}", args)
+        checkpoints.after_epoch(epoch, steps, args)   # and a signal during the last step stops here
         if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch:
             break
 

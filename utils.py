@@ -1,15 +1,13 @@
 """
 Helpers that train.py, evaluate.py and lincls.py share (DINO keeps the same kind in its
-utils.py): errors for people, processes under torchrun, mixed precision, atomic
-checkpoints and RNG states. Nothing here is specific to SiamMM.
+utils.py): errors for people, processes under torchrun, mixed precision and RNG states
+(what keeps a run alive, its checkpoints included, is run_safety.py). Nothing here is
+specific to SiamMM.
 """
 
 import argparse
-import contextlib
 import datetime
 import hashlib
-import io
-import json
 import math
 import os
 import random
@@ -69,6 +67,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(self.prog, f"{message} (see --help)")
+
+
+def flag(dest):
+    """An argparse destination as its flag: num_clusters -> --num-clusters."""
+    return f"--{dest.replace('_', '-')}"
 
 
 def check_flags(parser, args, positive=(), non_negative=(), fractions=()):
@@ -272,171 +275,12 @@ def cosine_schedule(t, total, base, final=0.0, warmup=0.0):
     return final + (base - final) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def atomic_save(obj, *paths):
-    """Write to a temporary file, then rename: a crash or a full disk mid-write never
-    destroys the last good file (os.replace is atomic on POSIX). The object is serialised
-    in memory once (for every path: --save-every's extra copy costs a write, not a second
-    serialisation) and written with one write and an fsync, so a failed write is the
-    operating system's own error (no space left, read-only, ...), said in one line, and the
-    partial temporary file is removed. The in-memory copy is the checkpoint's size for a
-    moment (ImageNet's: about 0.8 GB, on rank 0 only)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    for path in paths:
-        tmp = path + ".tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buf.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            kept = "the last good checkpoint is kept" if os.path.exists(path) else "nothing was saved"
-            raise UserError(f"cannot write {path}: {e.strerror or e} ({len(buf.getbuffer()) / 2 ** 20:.1f} MiB); "
-                            f"{kept}") from None
-
-
-def load_checkpoint_file(path, what="checkpoint"):
-    """torch.load that turns an empty, truncated or foreign file into one clear line.
-    weights_only=False: the checkpoints hold RNG states (numpy arrays) and flags."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such {what}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:   # EOFError, RuntimeError (zip), UnpicklingError, ...: the file is damaged
-        raise UserError(f"cannot read {what} {path} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'empty'}): "
-                        "it is empty, truncated or not a torch file; restore it or start a new --out-dir") from None
-
-
-def saved_args(args):
-    """The flags as written to args.json and the checkpoints: no process-group or lock handle,
-    the device as its name."""
-    return {k: v for k, v in vars(args).items() if k not in ("local_group", "lock")} | {"device": str(args.device)}
-
-
 def rerun_hint(args):
     """What continues a stopped run, true for each --resume mode: with --resume none the same
     command would start afresh again."""
     if args.resume == "none":
         return "rerun it without --resume none to continue (with it, the run starts afresh)"
     return "rerun the same command to continue"
-
-
-def run_files(out_dir):
-    """A run's own files in OUT_DIR: its checkpoints and log (not args.json, rewritten by every run)."""
-    try:
-        names = os.listdir(out_dir)
-    except OSError:
-        return []
-    return sorted(n for n in names if n == "log.jsonl" or (n.startswith("checkpoint") and n.endswith(".pth")))
-
-
-def move_aside(out_dir):
-    """--resume none over an earlier run: its checkpoints and log move to OUT_DIR/replaced/
-    (an older replaced/ is removed first), so the folder never holds half of each run, and a
-    plain rerun cannot 'resume' the old run. Says what it moved, in one line."""
-    import shutil
-    names = run_files(out_dir)
-    if not names:
-        return
-    aside = os.path.join(out_dir, "replaced")
-    shutil.rmtree(aside, ignore_errors=True)
-    os.makedirs(aside)
-    for n in names:
-        os.replace(os.path.join(out_dir, n), os.path.join(aside, n))
-    print(f"note: --resume none starts afresh: the earlier run's {', '.join(names)} moved to {aside}", flush=True)
-
-
-def open_run(args, program, keys):
-    """Before anything is written: rank 0 takes OUT_DIR's lock (a second job in the same
-    folder, e.g. the ranks of a killed torchrun agent still running, would interleave
-    checkpoints and logs), and every rank reads the checkpoint it sees, which must be
-    `program`'s (hold `keys`):
-      --resume auto   OUT_DIR/checkpoint.pth if there, else a fresh run (rerun = resume)
-      --resume PATH   PATH for the first start; once this run has saved OUT_DIR/checkpoint.pth
-                      a rerun (a requeued job) continues that, not PATH again
-      --resume none   a fresh run; an earlier run's files move to OUT_DIR/replaced/
-    All ranks then agree on one epoch to resume from: nodes without a shared --out-dir would
-    otherwise resume on some ranks and start afresh on others, and the replicas would drift
-    apart without a word. Returns the checkpoint (or None) and its path."""
-    if not args.resume:
-        raise UserError("--resume is empty (an unset variable?): give auto (the default: continue OUT_DIR's run), "
-                        "none (start afresh) or a checkpoint's path")
-    own = os.path.join(args.out_dir, "checkpoint.pth")
-    path = {"auto": own, "none": None}.get(args.resume, args.resume)
-    if path not in (own, None) and os.path.exists(own) and not (os.path.exists(path) and os.path.samefile(path, own)):
-        if args.master:
-            print(f"note: {own} holds this run's own progress: continuing it rather than --resume {path} "
-                  "(which starts a run only in a folder without a checkpoint)", flush=True)
-        path = own
-    problem, ckpt = None, None
-    try:
-        if args.master:
-            take_lock(args)
-            if args.resume == "none":
-                move_aside(args.out_dir)
-        if path and (path != own or os.path.exists(path)):   # a named file must exist
-            ckpt = load_checkpoint_file(path)
-            if not isinstance(ckpt, dict) or not set(keys) <= set(ckpt):
-                raise UserError(f"{path} is not a {program} checkpoint; start a new --out-dir")
-    except UserError as e:
-        problem = str(e)
-    seen = [(problem, ckpt["epoch"] if ckpt else None)]
-    if args.distributed:
-        seen = [None] * args.world_size
-        dist.all_gather_object(seen, (problem, ckpt["epoch"] if ckpt else None))
-    for rank, (problem, _) in enumerate(seen):
-        if problem:
-            raise UserError(problem if rank == args.rank or not args.distributed else f"rank {rank}: {problem}")
-    if len({e for _, e in seen}) > 1:
-        where = ", ".join(f"rank {r}: {'epoch ' + str(e) if e is not None else 'none'}" for r, (_, e) in enumerate(seen))
-        raise UserError(f"the ranks see different checkpoints at {path or 'OUT_DIR/checkpoint.pth'} ({where}): put "
-                        "--out-dir on a file system that every node shares, or copy the checkpoint to every node")
-    return ckpt, path
-
-
-def take_lock(args):
-    """An exclusive lock on OUT_DIR/.lock for the life of the job (flock: the kernel drops
-    it when the process ends, kill -9 included; guard() closes it when run() returns)."""
-    import fcntl
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        args.lock = open(os.path.join(args.out_dir, ".lock"), "a+")
-    except OSError as e:
-        raise UserError(f"cannot write to --out-dir {args.out_dir}: {e.strerror}") from None
-    try:
-        fcntl.flock(args.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        args.lock.seek(0)
-        owner = args.lock.read().strip() or "another process"
-        raise UserError(f"another job is training in --out-dir {args.out_dir} ({owner}): wait for it to end, "
-                        "stop it, or use another --out-dir") from None
-    args.lock.truncate(0)
-    args.lock.write(f"pid {os.getpid()} on {os.uname().nodename}")
-    args.lock.flush()
-
-
-def trim_log(path, epoch):
-    """Keep the JSON lines of epochs up to `epoch` (and drop a torn last line), atomically:
-    after a crash between the log line of an epoch and its checkpoint, the resumed run
-    repeats that epoch and must not log it twice."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["epoch"] <= epoch:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
-
 
 
 def seed_all(seed):

@@ -82,10 +82,11 @@ def checkpoint_features(path, subset, workers):
     """The momentum embeddings of a checkpoint's training images, as its feature pass makes them."""
     import data
     import evaluate as ev
+    import model
     import utils
     args = ev.get_args(["--checkpoint", path, "--workers", str(workers), "--no-raw", "--train-subset", str(subset)])
     utils.setup_distributed(args)
-    backbone, _, embed, mixture, targs = ev.load_pretrained(args, args.device)
+    backbone, _, embed, mixture, targs = model.load_pretrained(args, args.device)
     ds = data.subset(data.load_dataset(args.data, args.data_dir, "train", data.eval_transform(args.data, args.img_size)),
                      subset, args.seed)
     split = ev.extract(ds, backbone, embed, args)

@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import evaluate as ev  # noqa: E402
+import model  # noqa: E402
 import report  # noqa: E402
 import utils  # noqa: E402
 
@@ -47,7 +48,7 @@ def main():
     eargs = ev.get_args(["--checkpoint", args.checkpoint, "--workers", str(args.workers), "--no-raw"])
     try:
         utils.setup_distributed(eargs)
-        backbone, _, embed, mixture, _ = ev.load_pretrained(eargs, eargs.device)
+        backbone, _, embed, mixture, _ = model.load_pretrained(eargs, eargs.device)
     except utils.UserError as e:
         p.error(str(e))
     if mixture is None:

@@ -50,7 +50,7 @@ SETTINGS = {
     "shapes-crop.5": ["--aug", "shapes", "--hflip", "0", "--crop-min", "0.5"],
     "shapes-rot0": ["--aug", "shapes", "--hflip", "0", "--rotate", "0"],
     "lr.12": ["--lr", "0.12"],
-    "m.96": ["--momentum", "0.96"],
+    "m.96": ["--ema-momentum", "0.96"],
     "20kx12": ["--subset", "20000", "--epochs", "12"],
     "28px": ["--img-size", "28"],
     "cw.5": ["--cluster-weight", "0.5"],

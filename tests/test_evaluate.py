@@ -23,7 +23,7 @@ import report  # noqa: E402
 import utils  # noqa: E402
 from cluster import VMFMixture  # noqa: E402
 from conftest import HAVE_FMNIST, needs_fmnist  # noqa: E402
-from model import ModelConfig  # noqa: E402
+from model import ModelConfig, build_backbone  # noqa: E402
 
 
 
@@ -182,7 +182,7 @@ def test_frozen_backbone_check_can_fail():
     digest = utils.state_digest(bb)
     x = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)          # as the loaders send images
     ds = [(x[i], 0, i) for i in range(8)]            # (uint8 image, label, index), as the data sets give
-    split = ev.extract(ds, bb, model.eval().embed, eval_args("--batch-size", "8"))
+    split = ev.extract(ds, bb, model.eval().embed, eval_args("--feature-batch-size", "8"))
     f, z = split.feats, split.emb
     assert f.shape == (8, 512) and z.shape == (8, 16) and torch.allclose(z.float().norm(dim=1), torch.ones(8), atol=1e-2)
     assert utils.changed_keys(bb, digest) == []
@@ -196,7 +196,7 @@ def test_feature_store_is_half_precision_and_its_size_is_what_it_says():
     2, the raw pixels N x P x 1: Split.nbytes() is the memory evaluate.py holds for a split."""
     model = ModelConfig("resnet18", small_stem=True, in_chans=1, proj_hidden=32, pred_hidden=32, dim=16).build().eval()
     x = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
-    split = ev.extract([(x[i], i % 2, i) for i in range(10)], model.backbone, model.embed, eval_args("--batch-size", "4"))
+    split = ev.extract([(x[i], i % 2, i) for i in range(10)], model.backbone, model.embed, eval_args("--feature-batch-size", "4"))
     assert split.feats.dtype == torch.float16 and split.emb.dtype == torch.float16 and split.raw.dtype == torch.uint8
     assert split.nbytes() == 10 * 512 * 2 + 10 * 16 * 2 + 10 * 64 + 10 * 8
     assert torch.equal(split.raw, x.flatten(1))          # the eval view itself: 8 px, decoded once
@@ -384,7 +384,7 @@ def test_bench_mislabels_scores_both_votes(tiny_run):
     (["--backbone", "/nonexistent/backbone.pth"], "no such file"),
     (["--checkpoint", "x.pth", "--knn-k", "abc"], "--knn-k"),
     (["--checkpoint", "x.pth", "--backbone", "y.pth"], "not allowed with"),
-    (["--checkpoint", "x.pth", "--batch-size", "1"], "--batch-size 1"),    # was: a BatchNorm ValueError
+    (["--checkpoint", "x.pth", "--feature-batch-size", "1"], "--feature-batch-size 1"),    # was: a BatchNorm ValueError
 ])
 def test_errors_are_one_line_exit_2(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
@@ -448,3 +448,20 @@ def test_mislabel_votes_auto_takes_the_self_knn_up_to_its_limit_only():
     args.device, args.img_size = torch.device("cpu"), 16
     ev.plan(1000, 100, 8, 0, 10, args)
     assert args.mislabel_votes == "knn" and args.amp == "none"   # evaluation in fp32 unless asked
+
+
+def test_export_backbone_writes_the_checkpoints_backbone_for_torchvision(tiny_run, tmp_path, capsys):
+    """evaluate.py --export-backbone: the checkpoint's online (or momentum) backbone, bit for
+    bit, as a state_dict that --backbone and build_backbone read strictly."""
+    ckpt = torch.load(tiny_run / "checkpoint.pth", weights_only=False)
+    for encoder, prefix in (("online", "backbone."), ("momentum", "momentum_backbone.")):
+        out = tmp_path / f"{encoder}.pth"
+        assert ev.main(["--checkpoint", str(tiny_run / "checkpoint.pth"), "--encoder", encoder,
+                        "--export-backbone", str(out)]) is None
+        sd = torch.load(out, weights_only=True)
+        mine = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+        assert sorted(sd) == sorted(mine) and all(torch.equal(sd[k], mine[k]) for k in sd)
+        cfg = ckpt["model_config"]
+        net, _ = build_backbone(cfg["arch"], cfg["small_stem"], cfg["in_chans"], cfg["width"])
+        net.load_state_dict(sd, strict=True)
+    assert "--backbone" in capsys.readouterr().out

@@ -71,7 +71,7 @@ def test_evaluate_embeds_like_the_feature_pass_and_keeps_the_data_set_order(sort
     ds = data.load_dataset("folder", sorted_folder, "train", data.eval_transform("folder", 16))
     args = pass_args()
     z, idx = train.feature_pass(model, data.feature_loader(ds, args.feature_batch_size, args), args)
-    eargs = ev.get_args(["--backbone", "unused.pth", "--workers", "0", "--batch-size", "40", "--raw-size", "16"])
+    eargs = ev.get_args(["--backbone", "unused.pth", "--workers", "0", "--feature-batch-size", "40", "--raw-size", "16"])
     eargs.data, eargs.img_size = "folder", 16
     split = ev.extract(ds, model.backbone, lambda x: model.embed(x, "batch"), utils.setup_distributed(eargs))
     assert split.labels.tolist() == ds.targets
@@ -118,7 +118,7 @@ def test_imagenet_preset_under_torchrun_on_a_sorted_jpeg_folder(tmp_path):
     assert read_log(full) == read_log(part)
     # evaluate.py, Table 3's command, on 2 processes (each embeds its share) and on one
     eval_flags = ["--checkpoint", os.path.join(full, "checkpoint.pth"), "--workers", "0", "--probe-epochs", "2",
-                  "--grid-clusters", "2", "--kmeans-redo", "1", "--batch-size", "4", "--knn-k", "5"]
+                  "--grid-clusters", "2", "--kmeans-redo", "1", "--feature-batch-size", "4", "--knn-k", "5"]
     res = torchrun("evaluate.py", eval_flags + ["--out-dir", str(tmp_path / "e2")])
     assert res.returncode == 0, res.stderr[-3000:]
     with open(tmp_path / "e2" / "results.json") as f:

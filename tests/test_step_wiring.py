@@ -72,7 +72,7 @@ def run_with_recorders(tmp_path, monkeypatch, *extra):
 def rec(tmp_path_factory):
     """One recorded run (TINY, m0 = 0.9) for the tests below."""
     with pytest.MonkeyPatch.context() as mp:
-        return run_with_recorders(tmp_path_factory.mktemp("wiring"), mp, "--momentum", "0.9")
+        return run_with_recorders(tmp_path_factory.mktemp("wiring"), mp, "--ema-momentum", "0.9")
 
 
 def test_momentum_encoder_follows_the_cosine_schedule_once_per_step(rec):

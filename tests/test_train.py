@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import run_safety
 import train
 import utils
 from conftest import TORCHRUN_ENV, free_port, torchrun, torchrun_cmd
@@ -369,19 +370,19 @@ def test_rng_state_saves_and_restores_this_rank_s_gpu_only(monkeypatch):
     assert len(asked) == 2                                   # a CPU process never touches CUDA's generator
 
 
-def test_loss_meter_lets_fp16_skip_a_step_but_not_diverge():
+def test_loss_sums_let_fp16_skip_a_step_but_not_diverge():
     """GradScaler skips an fp16 step whose loss or gradients are not finite: one such step
     must not end the run (it used to, through the divergence check) nor enter the means;
     20 in a row are divergence. Without a scaler one non-finite loss is."""
     nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
-    m = train.LossMeter(torch.device("cpu"), skips_allowed=True)
+    m = run_safety.LossSums(torch.device("cpu"), skips_allowed=True)
     for loss in (one, nan, one * 3):
         m.add(loss, loss.clone(), torch.tensor(0.0), loss / 4)
     assert m.check() is None and m.means() == [2.0, 2.0, 0.0, 0.5]
     for _ in range(20):
         m.add(nan, nan, nan, nan)
     assert "20 steps in a row" in m.check()
-    strict = train.LossMeter(torch.device("cpu"))
+    strict = run_safety.LossSums(torch.device("cpu"))
     strict.add(one, one, one, one)
     strict.add(nan, nan, nan, nan)
     assert "1 of the last 2 steps" in strict.check()
