@@ -10,12 +10,13 @@ then the mixture that runs them:
     kappa_pca             eq. 16   eq. 7 in the top d' principal directions
     assignment_weights    eq. 10   soft weights over each sample's s nearest centroids
     merge_pairs_eq11      eq. 11   merge j, k if d_jk < E[d] - lambda sigma[d] (sec. 4.2)
-    merge_pairs_bic                merge j, k if one vMF explains them as well as two (BIC,
-                                   from eq. 3, 4, 7 and the M-step's n_k, rbar_k)
-    merge_pairs_views              bic, or centroids closer than two views of one image
-    VMFMixture.fit                 spherical k-means warm-started from last epoch (sec. 4.3),
-                                   with optional birth (split) moves
+    VMFMixture.fit                 spherical k-means warm-started from last epoch (sec. 4.3):
+                                   E-steps (eq. 8) and M-steps (eq. 5, 6), then kappa (7 / 16)
     VMFMixture.merge               merges the pairs a rule in MERGE_RULES picks
+
+merge_rules.py holds what this project adds beyond the paper, and shows how to add a rule:
+the bic and views merge rules (registered into MERGE_RULES beside eq11) and birth (split)
+moves (--births, which fit calls).
 
 No merge rule is free of a choice. Eq. 11's lambda is tuned per data set (sec. 5.1) and
 over-merges as the true K grows; the BIC rule needs none and finds the K of fixed features
@@ -30,7 +31,7 @@ The vMF density on the unit sphere in D dimensions and the mixture (sec. 3.3):
 Training never evaluates C_D: eq. 9's log-likelihood is taken with mu and kappa fixed, so
 log C_D(kappa_k) is a constant in the prediction q and drops (loss.cluster_loss), and the
 M-step estimates kappa from the mean resultant length (eq. 7) instead of through C_D. Only
-the BIC merge rule needs it (vmf_loglik, log_bessel_iv).
+the BIC merge rule needs it (merge_rules.vmf_loglik).
 
 Scale (ImageNet: N = 1.28M, D = 256, K0 = 100,000, 8 GPUs) shapes the code:
 - Under torch.distributed every rank passes only its own shard of features. Every M-step
@@ -38,7 +39,9 @@ Scale (ImageNet: N = 1.28M, D = 256, K0 = 100,000, 8 GPUs) shapes the code:
   so ranks all-reduce K x D or D x D tensors and no rank ever holds the N x D matrix.
   With no process group the same code runs on one process.
 - The nearest-centroid searches run where the training runs (search.knn_search): on a GPU,
-  160k x 100k x 256 per rank is a fraction of a second; on one CPU thread about 87 s.
+  160k x 100k x 256 per rank is a fraction of a second; on one CPU thread about 87 s. A fit
+  moves the features once, to where the search reads them (feature_device), and keeps them
+  there, in float32, for every E- and M-step: no copy per Lloyd iteration.
 - Merging never forms the K x K distance matrix: E[d] and sigma[d] come from sums over the
   centroids (distance_moments) and candidate pairs from a nearest-neighbour search among
   the centroids (search.close_pairs).
@@ -49,26 +52,49 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import search
-from utils import all_reduce, distributed, gather_rows
+from utils import all_reduce, gather_rows
 
 
 # ----------------------------------------------------------------------------- the E and M steps
+def feature_device(device):
+    """Where a fit keeps the features: where search.knn_search reads them in place. torch's
+    exact search (on a GPU without faiss-gpu, or anywhere without Faiss) reads tensors on its
+    device; Faiss's indexes, faiss-gpu's GPU index too, read host arrays."""
+    device = torch.device(device or "cpu")
+    return device if device.type == "cuda" and not search.faiss_has_gpu() else torch.device("cpu")
+
+
+def searchable(x):
+    """x as search.knn_search reads it, without a copy: a CPU tensor as a numpy view of it, a
+    tensor on a GPU as itself (torch's search runs there), anything else as a numpy array."""
+    if not torch.is_tensor(x):
+        return np.asarray(x)
+    return x.numpy() if x.device.type == "cpu" else x
+
+
 def nearest_centroid(feats, centroids, device=None):
     """Eq. 8: the hard E-step, gamma_ik = 1 for the centroid nearest to z_i by cosine (the
-    largest mu_k.z_i), 0 for every other k. Returns (cosine to it, its id), numpy arrays."""
-    sims, ids = search.knn_search(np.asarray(feats), np.asarray(centroids), 1, device)
+    largest mu_k.z_i), 0 for every other k. feats, centroids: numpy arrays or tensors (see
+    searchable). Returns (cosine to it, its id), numpy arrays (knn_search's answer)."""
+    sims, ids = search.knn_search(searchable(feats), searchable(centroids), 1, device)
     return sims[:, 0], ids[:, 0]
 
 
 def cluster_sums(feats, ids, K):
     """Eq. 5: the M-step's sufficient statistics under a hard assignment,
         r_k = sum_i gamma_ik z_i  (K x D, float64),   n_k = sum_i gamma_ik  (K,),
-    summed over every rank's shard (all-reduce), so each sample counts exactly once."""
-    ids = torch.as_tensor(ids).long()
-    r = torch.zeros(K, feats.shape[1], dtype=torch.float64).index_add_(0, ids, feats.double())
+    on the features' device, summed over every rank's shard (all-reduce), so each sample
+    counts exactly once. On the CPU index_add_ adds the rows in sample order; on a GPU its
+    atomic adds come in no fixed order, so there index_put_ accumulates instead (it sorts by
+    cluster and adds in a fixed order): the same sums every run."""
+    ids = torch.as_tensor(ids).long().to(feats.device)
+    r = torch.zeros(K, feats.shape[1], dtype=torch.float64, device=feats.device)
+    if feats.device.type == "cpu":
+        r.index_add_(0, ids, feats.double())
+    else:
+        r.index_put_((ids,), feats.double(), accumulate=True)
     n = torch.bincount(ids, minlength=K).double()
     return all_reduce(r), all_reduce(n)
 
@@ -175,109 +201,20 @@ def merge_pairs_eq11(mixture, merge_lambda, neighbours=5, **_):
     return rows, cols, d, {"merge_threshold": thresh}
 
 
-def log_bessel_iv(v, x):
-    """log I_v(x), the modified Bessel function of the first kind in eq. 4, for the orders of
-    embeddings (v = D/2 - 1 >= 3): Debye's uniform asymptotic expansion (Abramowitz and
-    Stegun 9.7.7) with its first correction term, error O(1/v^2). scipy's ive underflows to
-    0 here (I_127(0.1) ~ 1e-330)."""
-    z = x / v
-    sq = torch.sqrt(1 + z * z)
-    t = 1 / sq
-    u1 = t * (3 - 5 * t * t) / 24
-    return v * (sq + torch.log(z / (1 + sq))) - 0.5 * math.log(2 * math.pi * v) - 0.5 * torch.log(sq) + torch.log1p(u1 / v)
-
-
-def vmf_loglik(n, rbar, d):
-    """The log-likelihood of n unit vectors with mean resultant length rbar under the one vMF
-    that fits them best: mu at their mean direction (eq. 6), kappa at eq. 7, so
-        sum_i log f(z_i) = n (log C_d(kappa) + kappa rbar)          (eq. 3, 4),
-    log C_d(kappa) = (d/2 - 1) log kappa - (d/2) log 2 pi - log I_(d/2-1)(kappa)."""
-    rbar = rbar.clamp(1e-3, 1 - 1e-6)
-    kappa = kappa_mle(rbar, d)
-    log_c = (d / 2 - 1) * torch.log(kappa) - d / 2 * math.log(2 * math.pi) - log_bessel_iv(d / 2 - 1, kappa)
-    return n * (log_c + kappa * rbar)
-
-
 def merged_rbar(na, ra, nb, rb, cos):
     """rbar of the union of two clusters, from their sizes, rbar and the cosine of their mean
-    directions: ||n_a ra mu_a + n_b rb mu_b|| / (n_a + n_b) (the resultant of eq. 5 adds up)."""
+    directions: ||n_a ra mu_a + n_b rb mu_b|| / (n_a + n_b) (the resultant of eq. 5 adds up).
+    VMFMixture.merge keeps rbar with it for the likelihood rules (merge_rules.bic_loss)."""
     r2 = (na * ra) ** 2 + (nb * rb) ** 2 + 2 * na * ra * nb * rb * cos
     return r2.clamp(min=0).sqrt() / (na + nb)
 
 
-def bic_loss(mixture, rows, cols, d):
-    """For candidate pairs (rows, cols) at distance d, the Bayesian information criterion's
-    verdict on merging clusters j and k (Schwarz 1978), below 0 to merge:
-
-        2 [LL_j + LL_k - LL_jk]  -  (2 / pi) n_jk (1 + sqrt(d' / n_jk))^2  -  (d' + 1) log N
-
-    LL is a cluster's maximised log-likelihood (vmf_loglik, from its n and rbar: the M-step's
-    sums), d' + 1 the parameters a component adds (its mean direction on the sphere, d' - 1;
-    kappa; its weight pi), d' the dimension kappa is estimated in (eq. 16's d', or D for eq. 7).
-
-    The middle term is what a hard split gains on ONE component. k-means cuts a component
-    through its mean along its widest axis; each half's mean moves off-axis by sigma sqrt(2/pi),
-    which raises the likelihood by about n / pi whatever kappa and D are (n kappa, the slope of
-    LL in rbar, times the rbar gained, 1 / (pi kappa)). The widest of d' sample axes is wider by
-    (1 + sqrt(d'/n))^2 (the top eigenvalue of a sample covariance). Without it the gain of a
-    split grows as n while BIC's price grows as log N, and a cluster of more than ~1.5 d' log N
-    samples cut in two is never merged back (the same bias makes classification-likelihood
-    BIC over-split; G-means, Hamerly and Elkan 2003, tests a split against one Gaussian the
-    same way)."""
-    dim = mixture.pca_dim if mixture.kappa_mode == "pca" else mixture.dim
-    n, rbar = mixture.counts.double(), mixture.rbar.double()
-    j, k = torch.from_numpy(rows).long(), torch.from_numpy(cols).long()
-    nj, nk = n[j], n[k]
-    joint = merged_rbar(nj, rbar[j], nk, rbar[k], torch.from_numpy(1 - d).double())
-
-    def ll(m, rb):
-        # rbar of m samples overstates the component's: E||r||^2 = m + m (m - 1) rho^2 for
-        # rho = E[mu.z], so (m rbar^2 - 1) / (m - 1) estimates rho^2 without bias (else a
-        # singleton, rbar = 1, is a component of infinite likelihood that nothing merges with)
-        rho = ((m * rb ** 2 - 1).clamp(min=0) / (m - 1).clamp(min=1)).sqrt()
-        return vmf_loglik(m, rho, dim)
-    gain = 2 * (ll(nj, rbar[j]) + ll(nk, rbar[k]) - ll(nj + nk, joint))
-    split = 2 / math.pi * (nj + nk) * (1 + (dim / (nj + nk)).sqrt()) ** 2
-    return (gain - split - (dim + 1) * math.log(float(n.sum()))).numpy()
-
-
-def bic_candidates(mixture, neighbours=5):
-    """Each centroid's `neighbours` nearest centroids as candidate pairs (rows, cols, d) and
-    their bic_loss scores."""
-    rows, cols, d = search.close_pairs(mixture.centroids.numpy(), 2.5, neighbours, seed=mixture.seed,
-                                       device=mixture.device)
-    return rows, cols, d, bic_loss(mixture, rows, cols, d)
-
-
-def merge_pairs_bic(mixture, neighbours=5, **_):
-    """The mixture model's own test: merge clusters j and k when one vMF component explains
-    their samples as well as two (bic_loss < 0). Candidates are each centroid's `neighbours`
-    nearest centroids; the pairs that lose the least likelihood merge first. On fixed
-    features of known K it ends at K (bench/bench_kstop.py); in training it keeps more
-    clusters than classes, since the cluster loss makes every cluster compact (eq. 9)."""
-    rows, cols, _, score = bic_candidates(mixture, neighbours)
-    ok = score < 0
-    return rows[ok], cols[ok], score[ok], {"merge_candidates": int(ok.sum())}
-
-
-def merge_pairs_views(mixture, view_distance=0.0, neighbours=5, **_):
-    """merge_pairs_bic, and every pair of clusters whose centroids lie closer together than
-    two augmented views of one image (d_jk = 1 - mu_j.mu_k < view_distance, the epoch's mean
-    1 - k1.k2 of the momentum embeddings of an image's two views; train.py measures it). The
-    augmentations define what the model is taught to treat as one image, so clusters closer
-    than that are not distinct to it, however compact the cluster loss has made them. The
-    spread of the views shrinks as training goes on, so K may have to grow back: the rule is
-    meant with birth moves (VMFMixture's births). Closest pairs merge first."""
-    rows, cols, d, score = bic_candidates(mixture, neighbours)
-    ok = (score < 0) | (d < view_distance)
-    return rows[ok], cols[ok], d[ok], {"merge_candidates": int(ok.sum()), "view_distance": view_distance}
-
-
 # The merge rules --merge-rule chooses from. A rule is called with the mixture and the run's
 # flags (it takes the ones it names) and returns candidate pairs (rows, cols, order: lowest
-# merges first) and a dict for the log; VMFMixture.merge does the rest. A new rule is a
-# function here and its entry in this table.
-MERGE_RULES = {"eq11": merge_pairs_eq11, "bic": merge_pairs_bic, "views": merge_pairs_views}
+# merges first) and a dict for the log; VMFMixture.merge does the rest. The paper's eq. 11
+# is here; merge_rules.py, imported at the end of this file, registers the project's bic and
+# views rules into this table, and its docstring says how to add one of your own.
+MERGE_RULES = {"eq11": merge_pairs_eq11}
 
 
 def greedy_matching(rows, cols, d, n, max_pairs=None):
@@ -330,7 +267,10 @@ class VMFMixture:
     (Table 7, Fig. 7): fresh random init every epoch with nredo restarts, keeping the best
     objective, instead of the warm start of sec. 4.3. kappa_clip: see _kappa and
     kappa_for_loss. device: where the nearest-centroid searches run (the training's GPU, or
-    the CPU); the M-step sums stay on the CPU in float64 (K x D, all-reduced).
+    the CPU). A fit keeps the features, and the M-step sums (float64, K x D, all-reduced)
+    with them, where the search reads them (feature_device): on that GPU for torch's search,
+    on the host for Faiss's; the state above is kept on the CPU. births: split moves, beyond
+    the paper (merge_rules.birth_seeds).
     """
 
     def __init__(self, dim, num_clusters, *, kappa="pca", pca_dim=150, init_iters=20, kmeans_iters=3, tol=1e-4,
@@ -353,38 +293,31 @@ class VMFMixture:
         self.dropped = 0                           # empty clusters dropped by the last fit
         self.born = 0                              # clusters seeded by the last fit (births)
 
-    # ------------------------------------------------------------------ E/M steps (sec. 4.3)
+    # ------------------------------------------------------------------ E and M steps (sec. 4.3)
     @torch.no_grad()
     def fit(self, feats, index, n_total):
-        """This epoch's E/M steps on this rank's features.
+        """This epoch's E and M steps on this rank's features.
 
         feats: (n_local x D) unit-norm momentum features; index: (n_local,) their dataset
         indices (distinct over all ranks: no sampler padding); n_total: N over all ranks.
         First call: k-means from a random init (init_iters iterations). Later calls: warm
         start from the previous centroids with kmeans_iters iterations (sec. 4.3), or with
         reinit_centroids, fresh k-means with nredo restarts keeping the best objective (PCL).
-        Then drops empty clusters and estimates kappa (eq. 7 / 16)."""
-        feats = feats.float().cpu().contiguous()
+        Then drops empty clusters and estimates kappa (eq. 7 / 16). The features move once,
+        to where the search reads them (feature_device), as float32, and stay there."""
+        feats = feats.to(feature_device(self.device), torch.float32).contiguous()
         index = index.long().cpu()
         self._check(feats, index, n_total)
         if self.centroids is None or self.reinit_centroids:
-            # K0 the first time; afterwards the current K, so that re-initialising (the Table 7
-            # ablation) changes only where the centroids start, not what merging has done
-            k = self.num_clusters if self.centroids is None else self.centroids.shape[0]
-            best = None
-            for redo in range(self.nredo if self.reinit_centroids else 1):
-                init = self._random_init(feats, index, n_total, self.seed + 1000 * self.fits + redo, k)
-                out = self._lloyd(feats, init, self.init_iters, n_total)
-                if best is None or out[3] > best[3]:
-                    best = out
-            centroids, r, n, obj, it = best
-        else:
-            centroids = self.centroids
-            if self.births > 0:   # split moves: new clusters seeded where the mixture fits worst
-                centroids = torch.cat([centroids, self._seeds(feats, index, centroids, math.ceil(self.births * len(centroids)))])
+            centroids, r, n, obj, it = self._restarts(feats, index, n_total)
+        else:                                          # warm start from last epoch's centroids
+            centroids = self.centroids.to(feats.device)
+            if self.births > 0:                        # split moves (merge_rules.birth_seeds)
+                centroids = torch.cat([centroids, self._seeds(feats, index, centroids)])
             centroids, r, n, obj, it = self._lloyd(feats, centroids, self.kmeans_iters, n_total)
         self.born = len(centroids) - len(self.centroids) if self.centroids is not None else 0
         self.fits += 1
+        centroids, r, n = centroids.cpu(), r.cpu(), n.cpu()   # K x D: the mixture's state lives on the CPU
         keep = n > 0                                   # empty clusters have pi_k = 0: drop them
         self.dropped = int((~keep).sum())              # logged: K also falls this way, not only by merging
         self.centroids, self.counts = centroids[keep].contiguous(), n[keep].long()
@@ -393,15 +326,16 @@ class VMFMixture:
         return self
 
     def _lloyd(self, feats, centroids, iters, n_total):
-        """Spherical k-means from the given centroids: each iteration an E-step (eq. 8) and
-        the M-step's mean directions (eq. 5, 6). Stops early once the mean cosine improves by
-        less than tol. Returns centroids, final r, n, objective, iterations."""
+        """Spherical k-means from the given centroids: an E-step, then per iteration the
+        M-step's mean directions (eq. 6) and the next E-step. Stops early once the mean cosine
+        improves by less than tol. Returns the centroids of the last E-step, its sums r, n and
+        objective (so the counts and kappa describe those centroids), and the iterations."""
         prev = -float("inf")
         it = 0
         r, n, obj = self._sums(feats, centroids)
         for it in range(1, iters + 1):
-            centroids = mean_directions(r, n, centroids)
-            r, n, obj = self._sums(feats, centroids)
+            centroids = mean_directions(r, n, centroids)          # M-step, eq. 6
+            r, n, obj = self._sums(feats, centroids)              # E-step, eq. 8 and 5
             if obj / n_total - prev < self.tol:
                 break
             prev = obj / n_total
@@ -409,32 +343,31 @@ class VMFMixture:
 
     def _sums(self, feats, centroids):
         """One E-step (eq. 8) on this rank's shard and the all-reduced M-step sums (eq. 5).
-        Returns r (K x D, float64), n (K,) and the sum of every sample's cosine to its centroid."""
-        sims, ids = nearest_centroid(feats.numpy(), centroids.numpy(), self.device)
+        Returns r (K x D, float64) and n (K,) on the features' device, and the sum of every
+        sample's cosine to its centroid."""
+        sims, ids = nearest_centroid(feats, centroids, self.device)
         r, n = cluster_sums(feats, ids, centroids.shape[0])
         obj = torch.tensor([float(sims.astype(np.float64).sum())], dtype=torch.float64)
         return r, n, all_reduce(obj).item()
 
-    def _seeds(self, feats, index, centroids, m):
-        """Birth moves: the m features of all ranks farthest from their nearest centroid (the
-        samples the mixture explains worst; k-means++ seeds where the distance is largest),
-        as new centroids. Each rank proposes its own m worst, every rank receives all
-        proposals (utils.gather_rows) and picks the same m, ties broken by dataset index. The
-        next Lloyd iterations give them members; the merge rule removes those that are not
-        distinct clusters. ImageNet: m x D per rank sent, one search per epoch more."""
-        world = dist.get_world_size() if distributed() else 1
-        rank = dist.get_rank() if distributed() else 0
-        sims, _ = nearest_centroid(feats.numpy(), centroids.numpy(), self.device)
-        mine = np.argsort(sims, kind="stable")[:m]
-        cand = torch.zeros(m, self.dim + 2, dtype=torch.float64)              # feature, cosine, index
-        cand[:, self.dim] = 2.0                                              # an empty slot is never chosen
-        cand[:len(mine), :self.dim] = feats[mine].double()
-        cand[:len(mine), self.dim] = torch.from_numpy(sims[mine]).double()
-        cand[:len(mine), self.dim + 1] = index[mine].double()
-        every = gather_rows(cand, torch.arange(rank * m, rank * m + m), world * m)
-        pick = np.lexsort((every[:, self.dim + 1].numpy(), every[:, self.dim].numpy()))[:m]
-        pick = pick[every[pick, self.dim].numpy() < 2.0]
-        return torch.nn.functional.normalize(every[pick, :self.dim].float(), dim=1)
+    def _restarts(self, feats, index, n_total):
+        """k-means from random inits, the best objective of nredo restarts with
+        reinit_centroids (one otherwise). K0 clusters the first time; afterwards the current
+        K, so that re-initialising (the Table 7 ablation) changes only where the centroids
+        start, not what merging has done."""
+        k = self.num_clusters if self.centroids is None else self.centroids.shape[0]
+        best = None
+        for redo in range(self.nredo if self.reinit_centroids else 1):
+            init = self._random_init(feats, index, n_total, self.seed + 1000 * self.fits + redo, k)
+            out = self._lloyd(feats, init, self.init_iters, n_total)
+            if best is None or out[3] > best[3]:
+                best = out
+        return best
+
+    def _seeds(self, feats, index, centroids):
+        """Birth moves, beyond the paper: ceil(births K) new centroids where the mixture fits
+        worst (merge_rules.birth_seeds)."""
+        return merge_rules.birth_seeds(feats, index, centroids, math.ceil(self.births * len(centroids)), self.device)
 
     def _random_init(self, feats, index, n_total, seed, k):
         """k features chosen uniformly at random from all N (Faiss's own init). The choice
@@ -444,8 +377,8 @@ class VMFMixture:
         chosen = torch.randperm(n_total, generator=g)[:k]
         slot = torch.full((n_total,), -1, dtype=torch.long)
         slot[chosen] = torch.arange(k)
-        mine = slot[index]
-        init = torch.zeros(k, self.dim, dtype=torch.float32)
+        mine = slot[index].to(feats.device)
+        init = torch.zeros(k, self.dim, dtype=torch.float32, device=feats.device)
         init[mine[mine >= 0]] = feats[mine >= 0]
         return all_reduce(init)
 
@@ -580,3 +513,9 @@ class VMFMixture:
                              "resume with the same --dim")
         self.centroids, self.counts, self.kappa, self.rbar = sd["centroids"], sd["counts"], sd["kappa"], sd["rbar"]
         self.objective, self.k_history, self.fits = sd["objective"], list(sd["k_history"]), sd["fits"]
+
+
+# The project's additions beyond the paper (the bic and views rules, births) register into
+# MERGE_RULES when their module loads: imported last, once every name above exists, so it
+# loads whichever of the two modules is imported first.
+import merge_rules  # noqa: E402

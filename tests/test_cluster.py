@@ -23,6 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import cluster  # noqa: E402
+import merge_rules  # noqa: E402
 import search  # noqa: E402
 from cluster import VMFMixture, distance_moments, greedy_matching, kappa_mle  # noqa: E402
 from search import close_pairs  # noqa: E402
@@ -358,7 +359,7 @@ def test_vmf_loglik_is_the_sum_of_vmf_log_densities_at_the_mle():
         rbar = np.linalg.norm(r) / len(Z)
         k_hat = float(kappa_mle(torch.tensor(rbar, dtype=torch.float64), d))
         direct = vonmises_fisher(r / np.linalg.norm(r), k_hat).logpdf(Z).sum()
-        got = float(cluster.vmf_loglik(torch.tensor(500.0, dtype=torch.float64), torch.tensor(rbar, dtype=torch.float64), d))
+        got = float(merge_rules.vmf_loglik(torch.tensor(500.0, dtype=torch.float64), torch.tensor(rbar, dtype=torch.float64), d))
         # log I_v by Debye's expansion (error O(1/v^2)): within 1e-5 relative of scipy's at d >= 16
         assert got == pytest.approx(direct, rel=1e-5), (d, got, direct)
 
@@ -393,11 +394,11 @@ def test_bic_keeps_two_separated_components_and_merges_two_halves_of_one():
     def ll(Z):
         n = len(Z)
         rb = math.sqrt(max(0.0, (float(Z.sum(0).norm()) ** 2 / n - 1) / (n - 1)))
-        return float(cluster.vmf_loglik(torch.tensor(float(n), dtype=torch.float64), torch.tensor(rb, dtype=torch.float64), 16))
+        return float(merge_rules.vmf_loglik(torch.tensor(float(n), dtype=torch.float64), torch.tensor(rb, dtype=torch.float64), 16))
     a, b = (one[m.counts.new_tensor(cluster.nearest_centroid(one.numpy(), m.centroids.numpy())[1]) == i] for i in (0, 1))
     want = 2 * (ll(a) + ll(b) - ll(one)) - 2 / math.pi * 800 * (1 + math.sqrt(16 / 800)) ** 2 - 17 * math.log(800)
     rows, cols, d = search.close_pairs(m.centroids.numpy(), 2.5, 5)
-    assert cluster.bic_loss(m, rows, cols, d)[0] == pytest.approx(want, abs=2)   # of terms ~500: float32 centroids
+    assert merge_rules.bic_loss(m, rows, cols, d)[0] == pytest.approx(want, abs=2)   # of terms ~500: float32 centroids
     assert want < 0
     merged, _ = m.merge(merge_rule="bic")
     assert merged == 1 and m.centroids.shape[0] == 1 and m.counts.tolist() == [800]
