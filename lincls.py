@@ -79,15 +79,7 @@ def get_args(argv=None):
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision on CUDA "
                    "(none: fp32, as main_lincls)")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
-    p.add_argument("--out-dir", help="default: <checkpoint or backbone folder>/lincls (finetune: /finetune<labels>)")
-    p.add_argument("--resume", default="auto", help="auto: continue from OUT_DIR/checkpoint.pth if there (rerunning the "
-                   "command, or a requeued job, continues the run); none: start afresh; or a checkpoint path")
-    p.add_argument("--checkpoint-minutes", type=float, default=30.0, help="also save a mid-epoch checkpoint this "
-                   "often (0: never); SIGTERM / SIGUSR1 save one and stop (run_safety.Checkpoints)")
-    p.add_argument("--stop-after-epoch", type=int, default=0, help="exit after this epoch; resume later")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dist-timeout", type=float, default=30.0, help="minutes to wait for the other processes")
+    run_safety.add_run_flags(p, "<checkpoint or backbone folder>/lincls, or /finetune<labels>")
     args = p.parse_args(argv)
     linear = args.mode == "linear"
     if not linear and args.labels is None:

@@ -30,6 +30,26 @@ from utils import UserError
 
 
 # ----------------------------------------------------------------------------- OUT_DIR
+def add_run_flags(p, out_dir_default):
+    """The flags of where a run lives and how it survives, the same in train.py and lincls.py."""
+    p.add_argument("--out-dir", help=f"where the run lives: its checkpoints and log.jsonl (default {out_dir_default})")
+    p.add_argument("--resume", default="auto",
+                   help="auto: continue from OUT_DIR/checkpoint.pth if there (DINO's behaviour: rerunning a command, "
+                        "or a requeued job, never starts a run over); none: start afresh, moving an earlier run's "
+                        "checkpoints and log to OUT_DIR/replaced/; or a checkpoint path to start from (once OUT_DIR has "
+                        "its own checkpoint, a rerun continues that)")
+    p.add_argument("--checkpoint-minutes", type=float, default=30.0,
+                   help="also save a mid-epoch checkpoint when this long has passed since the last one (a hard kill "
+                        "then loses at most this much; 0 = at epoch ends only); SIGTERM and SIGUSR1 save one and stop")
+    p.add_argument("--stop-after-epoch", type=int, default=0,
+                   help="exit after this epoch, to resume later (a scheduler that sends no signal)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dist-timeout", type=float, default=30.0,
+                   help="minutes a process waits for the others in a collective before the run stops "
+                        "(a frozen or lost rank would otherwise hang the rest)")
+
+
 def take_lock(args):
     """An exclusive lock on OUT_DIR/.lock for the life of the job (flock: the kernel drops
     it when the process ends, kill -9 included; utils.guard closes it when the run returns)."""

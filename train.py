@@ -31,7 +31,6 @@ and then a checkpoint and one line of log.jsonl (save_checkpoint, log_epoch).
 
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -164,23 +163,8 @@ def get_args(argv=None):
     p.add_argument("--infonce-t", type=float, default=1.0, help="InfoNCE temperature (MoCo v3 ResNet: 1.0)")
     p.add_argument("--neg-t", type=float, default=0.2, help="temperature of eq. 14 / 15")
     p.add_argument("--num-neg", type=int, default=16000, help="negative centroids per batch for eq. 14 (PCL: 16000)")
-    # run
-    p.add_argument("--out-dir", help="where the run lives: checkpoints, log.jsonl, args.json (default runs/PRESET)")
-    p.add_argument("--resume", default="auto",
-                   help="auto: continue from OUT_DIR/checkpoint.pth if there (DINO's behaviour: rerunning a command, "
-                        "or a requeued job, never starts a run over); none: start afresh, moving an earlier run's "
-                        "checkpoints and log to OUT_DIR/replaced/; or a checkpoint path to start from (once OUT_DIR has "
-                        "its own checkpoint, a rerun continues that)")
-    p.add_argument("--checkpoint-minutes", type=float, default=30.0,
-                   help="also save a mid-epoch checkpoint when this long has passed since the last one (a hard kill "
-                        "then loses at most this much; 0 = at epoch ends only)")
-    p.add_argument("--stop-after-epoch", type=int, default=0, help="exit after this epoch (for job time limits); resume later")
+    run_safety.add_run_flags(p, "runs/PRESET")
     p.add_argument("--save-every", type=int, default=0, help="also keep checkpoint_epochN.pth every N epochs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dist-timeout", type=float, default=30.0,
-                   help="minutes a process waits for the others in a collective before the run stops "
-                        "(a frozen or lost rank would otherwise hang the rest)")
     args = p.parse_args(argv)
     args.preset_given = args.preset is not None   # the card's bare command on a GPU says what it runs
     args.preset = args.preset or "cpu"
@@ -191,39 +175,18 @@ def get_args(argv=None):
     if not pca_dim_given and args.dim is not None:   # a preset's d' follows a smaller --dim; a given one is checked
         args.pca_dim = min(args.pca_dim, args.dim)
     args.out_dir = args.out_dir or os.path.join("runs", args.preset)
-    check_keywords(p)
+    utils.check_keywords(p, KEYWORD_FLAGS)
     check_args(p, args)
     return args
 
 
-# Flags reach the losses and merge rules by name (siammm_loss(**vars(args)), merge(**vars(args))),
-# so a keyword whose name matches no flag of its family would silently keep its own default.
-# Each family's own flags (those passed by name to every function of the family, which takes
-# what it reads and ignores the rest through **_); check_keywords holds them to it at start-up.
-# (A merge rule's `neighbours`, candidate pairs per cluster, is its caller's: tests pass it.)
+# Flags reach the losses and merge rules by name (siammm_loss(**vars(args)), merge(**vars(args))):
+# each family's functions, the arguments their caller passes, and the family's own flags, which
+# utils.check_keywords holds them to at start-up. (A merge rule's `neighbours`, candidate
+# pairs per cluster, is its caller's: tests pass it.)
 KEYWORD_FLAGS = {"instance_loss": (INSTANCE_LOSSES, ("q1", "q2", "k1", "k2"), ("infonce_t",)),
                  "cluster_loss": (CLUSTER_LOSSES, ("q", "k", "a"), ("neg_t", "num_neg")),
                  "merge_rule": (MERGE_RULES, ("mixture", "view_distance", "neighbours"), ("merge_lambda",))}
-
-
-def check_keywords(p):
-    """A function of a family (KEYWORD_FLAGS) that takes a keyword other than its data and its
-    family's flags (a renamed or new flag that was not added, or a name that belongs to
-    another flag, e.g. eq. 10's --tau), or a family flag that none of its functions reads:
-    stop with one line naming both."""
-    for selector, (registry, data_args, flags) in KEYWORD_FLAGS.items():
-        read = set()
-        for name, fn in registry.items():
-            takes = {k for k, v in inspect.signature(fn).parameters.items()
-                     if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)} - set(data_args)
-            read |= takes
-            for k in sorted(takes - set(flags)):
-                p.error(f"{fn.__module__}.{fn.__name__} (--{selector.replace('_', '-')} {name}) takes '{k}', which is "
-                        f"not one of its flags ({', '.join(utils.flag(f) for f in flags)}): rename it to its flag, or "
-                        f"add the flag to train.py's KEYWORD_FLAGS['{selector}']")
-        for k in sorted(set(flags) - read):
-            p.error(f"{utils.flag(k)} is a flag of --{selector.replace('_', '-')}, but no function of it "
-                    f"({', '.join(registry)}) takes '{k}': rename the keyword, or remove the flag")
 
 
 def check_args(p, args):

@@ -74,6 +74,28 @@ def flag(dest):
     return f"--{dest.replace('_', '-')}"
 
 
+def check_keywords(parser, families):
+    """Flags that reach functions by name (fn(**vars(args))): families = {selector flag:
+    (registry {name: function}, the arguments the caller passes itself, the family's flags)}.
+    A function that takes a keyword other than those (a renamed or new flag that was not
+    added, or a name that belongs to another flag, e.g. eq. 10's --tau in a loss), or a family
+    flag that none of its functions reads, stops the program with one line naming both."""
+    import inspect
+    for selector, (registry, passed, flags) in families.items():
+        read = set()
+        for name, fn in registry.items():
+            takes = {k for k, v in inspect.signature(fn).parameters.items()
+                     if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)} - set(passed)
+            read |= takes
+            for k in sorted(takes - set(flags)):
+                parser.error(f"{fn.__module__}.{fn.__name__} ({flag(selector)} {name}) takes '{k}', which is not one "
+                             f"of its flags ({', '.join(flag(f) for f in flags)}): rename it to its flag, or add the "
+                             f"flag to {parser.prog}'s list for {flag(selector)}")
+        for k in sorted(set(flags) - read):
+            parser.error(f"{flag(k)} is a flag of {flag(selector)}, but no function of it ({', '.join(registry)}) "
+                         f"takes '{k}': rename the keyword, or remove the flag")
+
+
 def check_flags(parser, args, positive=(), non_negative=(), fractions=()):
     """Flags with a valid range, checked before any work starts: `positive` must be > 0,
     `non_negative` >= 0, `fractions` in (0, 1]. NaN fails every check. Each failure is the

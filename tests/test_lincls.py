@@ -6,10 +6,12 @@ import dataclasses
 import json
 import math
 import os
+import signal
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
@@ -212,3 +214,34 @@ def test_lincls_keeps_each_checkpoint_s_run_apart_and_says_what_a_resume_changes
     lincls.main(["--checkpoint", str(pretrained), "--lr", "0.2"] + short)
     said = capsys.readouterr().out
     assert "--lr 0.2 (was 0.1)" in said and "resumed from" in said
+
+
+@needs_fmnist
+def test_sigterm_mid_epoch_saves_and_the_rerun_ends_as_the_uninterrupted_run(pretrained, tmp_path, monkeypatch, capsys):
+    """A preemption: SIGTERM during step 7 (epoch 2, step 2 of 5) finishes the step, saves a
+    mid-epoch checkpoint and exits with 128 + 15 (run_safety.Checkpoints, as train.py); the
+    same command then continues at the next batch and ends with the uninterrupted run's
+    classifier and results, bit for bit."""
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    res = lincls.main(["--checkpoint", str(pretrained), "--out-dir", full] + FLAGS)
+    ce, count = F.cross_entropy, [0]
+
+    def signalling(*a, **kw):   # one call per training step
+        count[0] += 1
+        if count[0] == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return ce(*a, **kw)
+    monkeypatch.setattr(lincls.F, "cross_entropy", signalling)
+    with pytest.raises(SystemExit) as e:
+        lincls.main(["--checkpoint", str(pretrained), "--out-dir", part] + FLAGS)
+    assert e.value.code == 128 + signal.SIGTERM
+    assert "SIGTERM: stopped at epoch 2, step 2/5" in capsys.readouterr().out
+    ckpt = torch.load(os.path.join(part, "checkpoint.pth"), weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["within"]["step"] == 2
+    monkeypatch.undo()
+    again = lincls.main(["--checkpoint", str(pretrained), "--out-dir", part] + FLAGS)
+    assert "resumed from" in capsys.readouterr().out
+    a = torch.load(os.path.join(full, "checkpoint.pth"), weights_only=False)["model"]
+    b = torch.load(os.path.join(part, "checkpoint.pth"), weights_only=False)["model"]
+    assert torch.equal(a["fc.weight"], b["fc.weight"]) and torch.equal(a["fc.bias"], b["fc.bias"])
+    assert again["top1"] == res["top1"] and again["top5"] == res["top5"]
