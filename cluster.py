@@ -262,8 +262,8 @@ class VMFMixture:
     is in state_dict(): what a checkpoint saves and what rank 0 sends the other ranks after
     merging, so state added here travels with it.
 
-    The keywords are the train.py flags they come from. kappa: "pca" (eq. 16, appendix 10.1),
-    "mle" (eq. 7), "const" (Table 7's ablation). reinit_centroids: the PCL-style ablation
+    The keywords are the train.py flags they come from. kappa_estimator: "pca" (eq. 16, appendix 10.1),
+    "banerjee" (eq. 7), "const" (Table 7's ablation). reinit_centroids: the PCL-style ablation
     (Table 7, Fig. 7): fresh random init every epoch with nredo restarts, keeping the best
     objective, instead of the warm start of sec. 4.3. kappa_clip: see _kappa and
     kappa_for_loss. device: where the nearest-centroid searches run (the training's GPU, or
@@ -273,12 +273,12 @@ class VMFMixture:
     the paper (merge_rules.birth_seeds).
     """
 
-    def __init__(self, dim, num_clusters, *, kappa="pca", pca_dim=150, init_iters=20, kmeans_iters=3, tol=1e-4,
+    def __init__(self, dim, num_clusters, *, kappa_estimator="pca", pca_dim=150, init_iters=20, kmeans_iters=3, tol=1e-4,
                  reinit_centroids=False, nredo=5, kappa_clip=10.0, births=0.0, seed=0, device=None):
-        if kappa not in ("pca", "mle", "const"):
-            raise ValueError(f"unknown --kappa {kappa!r}: pca, mle or const")
+        if kappa_estimator not in ("pca", "banerjee", "const"):
+            raise ValueError(f"unknown --kappa-estimator {kappa_estimator!r}: pca, banerjee or const")
         self.dim, self.num_clusters = dim, num_clusters
-        self.kappa_mode, self.pca_dim = kappa, min(pca_dim, dim)
+        self.kappa_estimator, self.pca_dim = kappa_estimator, min(pca_dim, dim)
         self.init_iters, self.kmeans_iters, self.tol = init_iters, kmeans_iters, tol
         self.reinit_centroids, self.nredo, self.kappa_clip, self.seed = reinit_centroids, nredo, kappa_clip, seed
         self.births, self.device = births, device
@@ -400,19 +400,19 @@ class VMFMixture:
     # ------------------------------------------------------------------ kappa (eq. 7, 16; sec. 4.4)
     def _kappa(self, feats, r, n, n_total):
         """Per-cluster concentration from the cluster sums r_k, n_k: eq. 16 ("pca"), eq. 7
-        ("mle") or 1 ("const", Table 7's ablation). Guards: a singleton cluster (rbar = 1,
+        ("banerjee") or 1 ("const", Table 7's ablation). Guards: a singleton cluster (rbar = 1,
         kappa = inf) and any non-finite value take the median kappa of the other clusters,
         and no estimate exceeds kappa_clip times the median. Also returns each cluster's mean
         resultant length rbar in the space of the estimate (the top d' principal directions
         for "pca", all D dimensions otherwise), which the likelihood merge rule reads."""
         K = r.shape[0]
-        if self.kappa_mode == "pca":
+        if self.kappa_estimator == "pca":
             P = principal_directions(feats, n_total, self.pca_dim, self.device)
             rbar, kappa = mean_resultant_length(r @ P, n), kappa_pca(r, n, P)
         else:
             rbar = mean_resultant_length(r, n)
             kappa = kappa_mle(rbar, self.dim)
-        if self.kappa_mode == "const":
+        if self.kappa_estimator == "const":
             return torch.ones(K), rbar
         bad = (n < 2) | ~torch.isfinite(kappa)
         if bad.all():

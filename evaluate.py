@@ -139,7 +139,6 @@ def get_args(argv=None):
         p.error("--knn-k needs positive integers")
     if args.feature_batch_size < 2:
         p.error(f"--feature-batch-size {args.feature_batch_size}: at least 2 (the momentum embedding normalises with batch statistics)")
-    args.mislabel_votes_asked = args.mislabel_votes   # auto is settled once the report split's size is known
     utils.check_flags(p, args, positive=("knn_t", "probe_lr", "feature_batch_size", "probe_batch_size", "grid_cols",
                                          "kmeans_redo", "raw_size", "img_size", "dist_timeout"),
                       non_negative=("train_subset", "test_subset", "probe_epochs", "grid_clusters", "mislabel_show",
@@ -214,7 +213,8 @@ def extract(ds, backbone, embed, args, desc="features", dims=None):
 
 # ----------------------------------------------------------------------------- cost, before anything runs
 def plan(n_train, n_test, feat_dim, emb_dim, num_classes, args, has_mixture=None):
-    """The costs of the stages asked for, checked before the first image is decoded.
+    """The costs of the stages asked for, checked before the first image is decoded; returns
+    the mislabel vote to use (--mislabel-votes auto settled by the report split's size).
     has_mixture: the checkpoint holds a mixture (default: it has an embedding); without one
     the report clusters its split with k-means."""
     side = raw_side(args)
@@ -223,13 +223,14 @@ def plan(n_train, n_test, feat_dim, emb_dim, num_classes, args, has_mixture=None
     utils.check_memory((n_train + n_test) * row, f"keeping {n_train + n_test:,} images' features",
                        "use --train-subset" + ("" if args.no_raw else ", or --no-raw"))
     n_report = n_train if args.report_split == "train" else n_test
-    if args.mislabel_votes_asked == "auto":
-        args.mislabel_votes = "knn" if n_report <= SELF_KNN_MAX else "cluster"
+    votes = args.mislabel_votes
+    if votes == "auto":
+        votes = "knn" if n_report <= SELF_KNN_MAX else "cluster"
     n_metrics = n_train if args.metrics_split == "train" else n_test
     kmeans = 2 * 50 * args.kmeans_redo * num_classes   # FLOP per image and dimension: 50 Lloyd iterations a restart
     utils.check_cost(f"kNN of {n_test:,} images among {n_train:,}", 2 * n_test * n_train * feat_dim,
                      "use --train-subset or --test-subset", args.device)
-    if args.mislabel_votes == "knn":
+    if votes == "knn":
         utils.check_cost(f"the kNN mislabel vote over {n_report:,} {args.report_split} images",
                          2 * n_report * n_report * feat_dim, "use --mislabel-votes cluster or --report-split test",
                          args.device)
@@ -244,6 +245,7 @@ def plan(n_train, n_test, feat_dim, emb_dim, num_classes, args, has_mixture=None
                          "add --no-raw, or lower --raw-size", args.device)
         utils.check_cost(f"raw-pixel k-means (K = {num_classes}) on {n_metrics:,} images",
                          kmeans * n_metrics * raw_dim, "add --no-raw", args.device)
+    return votes
 
 
 # ----------------------------------------------------------------------------- kNN
@@ -368,7 +370,7 @@ def spherical_kmeans(feats, k, seed=0, niter=50, nredo=5, device=None):
     restarts (its re-initialising mode, PCL's). Returns (assignments, K x D centroids)."""
     x = torch.nn.functional.normalize(torch.as_tensor(feats).float(), dim=1)
     n = len(x)
-    km = VMFMixture(x.shape[1], k, kappa="const", init_iters=niter, reinit_centroids=True, nredo=nredo, seed=seed,
+    km = VMFMixture(x.shape[1], k, kappa_estimator="const", init_iters=niter, reinit_centroids=True, nredo=nredo, seed=seed,
                     device=device).fit(x, torch.arange(n), n)
     _, ids = nearest_centroid(x.numpy(), km.centroids.numpy(), device)
     return ids.astype(np.int64), km.centroids
@@ -478,7 +480,8 @@ def evaluate(args):
     if max(args.knn_k) > len(train_set) - 1:
         raise UserError(f"--knn-k {max(args.knn_k)} needs more than the {len(train_set)} train images: use a smaller k")
     emb_dim = train_args.get("dim", 0) if embed is not None else 0
-    plan(len(train_set), len(test_set), feat_dim, emb_dim, num_classes, args, has_mixture=mixture is not None)
+    args.mislabel_votes = plan(len(train_set), len(test_set), feat_dim, emb_dim, num_classes, args,
+                               has_mixture=mixture is not None)
     if args.master:
         os.makedirs(os.path.join(out_dir, "clusters"), exist_ok=True)   # only once the data loads
         print(f"evaluating {source_path} | {args.arch} on {args.data} | train {len(train_set)} -> test "

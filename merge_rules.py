@@ -93,7 +93,7 @@ def bic_loss(mixture, rows, cols, d):
     samples cut in two is never merged back (the same bias makes classification-likelihood
     BIC over-split; G-means, Hamerly and Elkan 2003, tests a split against one Gaussian the
     same way)."""
-    dim = mixture.pca_dim if mixture.kappa_mode == "pca" else mixture.dim
+    dim = mixture.pca_dim if mixture.kappa_estimator == "pca" else mixture.dim
     n, rbar = mixture.counts.double(), mixture.rbar.double()
     j, k = torch.from_numpy(rows).long(), torch.from_numpy(cols).long()
     nj, nk = n[j], n[k]

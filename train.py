@@ -124,8 +124,9 @@ def get_args(argv=None):
                         "(bench/check_gpu_data.py measures the bf16-fp32 cosine)")
     # the mixture model (sec. 4)
     p.add_argument("--num-clusters", type=int, help="initial number of clusters K0 (paper 100,000)")
-    p.add_argument("--kappa", default="pca", choices=["pca", "mle", "const"],
-                   help="concentration: eq. 16 (PCA), eq. 7 (MLE) or constant (Table 7 ablation)")
+    p.add_argument("--kappa-estimator", default="pca", choices=["pca", "banerjee", "const"],
+                   help="concentration kappa: eq. 16 (PCA, the paper's), eq. 7 (Banerjee et al.'s approximation of "
+                        "the maximum-likelihood kappa in all D dimensions) or constant (Table 7 ablation)")
     p.add_argument("--pca-dim", type=int, help="d', principal components for eq. 16 (paper 150 of 256)")
     p.add_argument("--kappa-clip", type=float, default=10.0,
                    help="kappa's spread: each estimate is capped at this times their median, and in the loss "
@@ -516,7 +517,7 @@ def train(args):
     model, module = utils.distribute(model, args)   # sec. 5.1 / MoCo v3: BN over the global batch
     optimizer = build_optimizer(module.online_parameters(), args)
     scaler = torch.amp.GradScaler("cuda", enabled=args.device.type == "cuda" and args.amp == "fp16")
-    mixture = VMFMixture(args.dim, args.num_clusters, kappa=args.kappa, pca_dim=args.pca_dim, init_iters=args.init_iters,
+    mixture = VMFMixture(args.dim, args.num_clusters, kappa_estimator=args.kappa_estimator, pca_dim=args.pca_dim, init_iters=args.init_iters,
                          kmeans_iters=args.kmeans_iters, reinit_centroids=args.reinit_centroids, nredo=args.nredo,
                          kappa_clip=args.kappa_clip, births=args.births, seed=args.seed, device=args.device)
     start_epoch, within = resume(*run_safety.open_run(args, "train.py", {"model", "model_config", "args", "epoch"}),

@@ -117,7 +117,7 @@ def bench_search(N, K, D, device, seed=0):
             s1, i1 = sims[:, 0], ids[:, 0]
     s_cpu, i_cpu = cluster.nearest_centroid(Xn[:4096], Cn, "cpu")
     agree, gap = float((i1[:4096] == i_cpu).mean()), float(np.abs(s1[:4096] - s_cpu).max())
-    mix = VMFMixture(D, K, kappa="pca", pca_dim=min(150, D), seed=seed, device=device)
+    mix = VMFMixture(D, K, kappa_estimator="pca", pca_dim=min(150, D), seed=seed, device=device)
     mix.centroids, mix.counts, mix.kappa = C.clone(), torch.ones(K, dtype=torch.long), torch.ones(K)
     with Clock() as t_assign:
         mix.assignment_table(X, torch.arange(N), N, 3, 0.1, False, device)
@@ -147,7 +147,7 @@ def bench_merge(K, D, lam, repeats, thread_counts, device, seed=0):
         set_threads(threads)
         for name, C in cases.items():
             def fresh():
-                m = VMFMixture(D, K, kappa="mle", seed=seed, device=device)
+                m = VMFMixture(D, K, kappa_estimator="banerjee", seed=seed, device=device)
                 m.centroids, m.counts, m.kappa, m.rbar = C.clone(), counts.clone(), kappa.clone(), rbar.clone()
                 return m
             # one run stage by stage (the calls merge() makes) ...
@@ -232,7 +232,7 @@ def bench_em(N, D, K, nredo, init_iters, warm_iters, no_early_stop, device, seed
     idx = torch.arange(N)
     print(f"\n2. E/M step on {device}, N = {N:,}, D = {D}, K = {K:,}: PCL-style re-initialisation (nredo = {nredo}, "
           f"up to {init_iters} Lloyd iterations each) vs one warm-started iteration")
-    pcl = VMFMixture(D, K, kappa="pca", init_iters=init_iters, reinit_centroids=True, nredo=nredo, seed=seed,
+    pcl = VMFMixture(D, K, kappa_estimator="pca", init_iters=init_iters, reinit_centroids=True, nredo=nredo, seed=seed,
                      device=device)
     if no_early_stop:
         pcl.tol = -float("inf")                              # PCL's Faiss k-means: always init_iters iterations
@@ -243,7 +243,7 @@ def bench_em(N, D, K, nredo, init_iters, warm_iters, no_early_stop, device, seed
             sync(device)
     pcl_steps = es.n
     # next epoch: warm start from the centroids the previous epoch ended with (sec. 4.3)
-    warm = VMFMixture(D, K, kappa="pca", kmeans_iters=warm_iters, seed=seed, device=device)
+    warm = VMFMixture(D, K, kappa_estimator="pca", kmeans_iters=warm_iters, seed=seed, device=device)
     warm.load_state_dict(pcl.state_dict())
     with EStepCounter() as es, tqdm(total=warm_iters + 1, desc=f"warm start, {warm_iters} iteration(s)") as bar:
         es.bar = bar

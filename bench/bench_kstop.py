@@ -57,16 +57,16 @@ def assign(X, m):
 
 def kmeans_ami(X, y, K, seed):
     """AMI of spherical k-means at the true K: can these clusters be told apart at all?"""
-    m = VMFMixture(X.shape[1], K, kappa="const", init_iters=30, reinit_centroids=True, nredo=3, seed=seed)
+    m = VMFMixture(X.shape[1], K, kappa_estimator="const", init_iters=30, reinit_centroids=True, nredo=3, seed=seed)
     m.fit(X, torch.arange(len(X)), len(X))
     return ami(y, assign(X, m))
 
 
-def kstop(X, y, K0, rule, flags, rounds, seed, kappa="mle", pca_dim=150):
+def kstop(X, y, K0, rule, flags, rounds, seed, kappa_estimator="banerjee", pca_dim=150):
     """The fit + merge loop from K0; returns (final K, AMI of the final clusters, rounds, seconds)."""
     t0, N = time.time(), len(X)
     idx = torch.arange(N)
-    m = VMFMixture(X.shape[1], K0, kappa=kappa, pca_dim=pca_dim, init_iters=10, kmeans_iters=3, seed=seed)
+    m = VMFMixture(X.shape[1], K0, kappa_estimator=kappa_estimator, pca_dim=pca_dim, init_iters=10, kmeans_iters=3, seed=seed)
     m.fit(X, idx, N)
     quiet = r = 0
     for r in range(1, rounds + 1):
@@ -123,7 +123,8 @@ def main():
         for K0 in map(int, args.k0_abs.split(",")):
             t0, cells = time.time(), []
             for rule in rules:
-                k, a, _, _ = kstop(X, y, K0, rule, flags, args.rounds, args.seed, targs["kappa"], targs["pca_dim"])
+                k, a, _, _ = kstop(X, y, K0, rule, flags, args.rounds, args.seed,
+                                    targs.get("kappa_estimator") or targs["kappa"].replace("mle", "banerjee"), targs["pca_dim"])
                 cells.append(f"{k}, {a:.2f}")
             print(f"| {name} | {C} | {K0} | {base:.2f} | " + " | ".join(cells) + f" | {time.time() - t0:.0f} |", flush=True)
         return

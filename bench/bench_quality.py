@@ -39,7 +39,7 @@ SUITES = {
                   ("hard assignment, s = 1 (Table 6)", ["--soft-k", "1"]),
                   ("fixed K, no merging (Table 5)", ["--no-merge"]),
                   ("re-initialised centroids (Table 7)", ["--reinit-centroids"]),
-                  ("constant kappa (Table 7)", ["--kappa", "const"])],
+                  ("constant kappa (Table 7)", ["--kappa-estimator", "const"])],
     "k0": [(f"K0 = {k}", ["--num-clusters", str(k)]) for k in (100, 1000)] + [DEFAULT],
 }
 

@@ -59,7 +59,7 @@ SETTINGS = {
     # assignment, s = 1), Table 7 (constant kappa; fresh k-means every epoch instead of warm centroids)
     "fixed-K": ["--no-merge"],
     "hard": ["--soft-k", "1"],
-    "kappa-const": ["--kappa", "const"],
+    "kappa-const": ["--kappa-estimator", "const"],
     "reinit": ["--reinit-centroids"],
 }
 

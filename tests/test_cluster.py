@@ -161,7 +161,7 @@ def match_components(mix, true_means):
 def test_recover_centroids_and_kappa_mle(mixture_data):
     means, X, _ = mixture_data
     N = len(X)
-    mix = VMFMixture(D_TRUE, len(KAPPAS), kappa="mle", init_iters=50, seed=0).fit(X, torch.arange(N), N)
+    mix = VMFMixture(D_TRUE, len(KAPPAS), kappa_estimator="banerjee", init_iters=50, seed=0).fit(X, torch.arange(N), N)
     assert mix.centroids.shape == (len(KAPPAS), D_TRUE)
     cos, best = match_components(mix, means)
     assert (cos > 0.99).all(), cos
@@ -178,8 +178,8 @@ def test_recover_kappa_pca_when_extra_dims_carry_no_signal(mixture_data):
     Q = torch.linalg.qr(torch.randn(D, D_TRUE, generator=torch.Generator().manual_seed(2), dtype=torch.float64))[0]
     Y, means_D = (X.double() @ Q.T).float(), (means.double() @ Q.T).float()
     N = len(Y)
-    fits = {mode: VMFMixture(D, len(KAPPAS), kappa=mode, pca_dim=D_TRUE, init_iters=50, seed=0)
-            .fit(Y, torch.arange(N), N) for mode in ("pca", "mle")}
+    fits = {mode: VMFMixture(D, len(KAPPAS), kappa_estimator=mode, pca_dim=D_TRUE, init_iters=50, seed=0)
+            .fit(Y, torch.arange(N), N) for mode in ("pca", "banerjee")}
     truth = torch.tensor(KAPPAS)
     for mode, mix in fits.items():
         cos, best = match_components(mix, means_D)
@@ -200,7 +200,7 @@ def test_pca_kappa_matches_direct_computation():
     D, dp, K = 12, 4, 5
     X = unit(torch.randn(3000, D, generator=g) * torch.logspace(0, -1.5, D) + 0.3 * torch.ones(D))
     C = unit(X[:K] + 0.1 * torch.randn(K, D, generator=g))
-    mix = with_state(D, C, kappa="pca", pca_dim=dp, kmeans_iters=0)
+    mix = with_state(D, C, kappa_estimator="pca", pca_dim=dp, kmeans_iters=0)
     mix.fit(X, torch.arange(len(X)), len(X))
     Xd = X.double().numpy()
     lab = (X @ mix.centroids.T).argmax(1).numpy()
@@ -366,7 +366,7 @@ def test_vmf_loglik_is_the_sum_of_vmf_log_densities_at_the_mle():
 
 def fitted(X, means, **kw):
     """A mixture warm-started from the given centroids on X, after one fit (counts, rbar, kappa)."""
-    m = with_state(X.shape[1], means, kappa="mle", kmeans_iters=0, **kw)
+    m = with_state(X.shape[1], means, kappa_estimator="banerjee", kmeans_iters=0, **kw)
     m.fit(X, torch.arange(len(X)), len(X))
     return m
 
@@ -426,13 +426,13 @@ def test_births_recover_a_component_that_merging_took():
     e = np.eye(16)
     X = torch.from_numpy(np.concatenate([sample_vmf(e[i], 80.0, 300, rng) for i in range(3)])).float()
     start = np.stack([e[0], (e[1] + e[2]) / np.sqrt(2)])
-    m = with_state(16, start, kappa="mle", kmeans_iters=10, births=0.5)
+    m = with_state(16, start, kappa_estimator="banerjee", kmeans_iters=10, births=0.5)
     m.fit(X, torch.arange(900), 900)
     assert m.born == 1 and m.centroids.shape[0] == 3
     assert sorted(m.counts.tolist()) == [300, 300, 300]
     m.merge(merge_rule="bic")
     assert m.centroids.shape[0] == 3
-    still = with_state(16, start, kappa="mle", kmeans_iters=10)         # no births: two clusters stay two
+    still = with_state(16, start, kappa_estimator="banerjee", kmeans_iters=10)         # no births: two clusters stay two
     still.fit(X, torch.arange(900), 900)
     assert still.centroids.shape[0] == 2 and still.born == 0
 
@@ -519,7 +519,7 @@ def twenty_clusters():
 def test_warm_start_zero_iterations_keeps_centroids(twenty_clusters):
     X, _ = twenty_clusters
     N = len(X)
-    mix = VMFMixture(16, 20, kappa="mle", init_iters=100, tol=1e-6, seed=0).fit(X, torch.arange(N), N)
+    mix = VMFMixture(16, 20, kappa_estimator="banerjee", init_iters=100, tol=1e-6, seed=0).fit(X, torch.arange(N), N)
     before = mix.centroids.clone(), mix.counts.clone(), mix.kappa.clone()
     mix.kmeans_iters = 0
     mix.fit(X, torch.arange(N), N)
@@ -532,7 +532,7 @@ def test_warm_start_converges_faster_than_fresh(twenty_clusters):
     X, drift = twenty_clusters
     N = len(X)
     idx = torch.arange(N)
-    kw = dict(kappa="mle", init_iters=100, kmeans_iters=100, tol=1e-4)
+    kw = dict(kappa_estimator="banerjee", init_iters=100, kmeans_iters=100, tol=1e-4)
     for seed in (0, 1, 2):
         mix = VMFMixture(16, 20, seed=seed, **kw).fit(X, idx, N)
         fresh_same = mix.n_iter
@@ -551,10 +551,10 @@ def test_reinit_keeps_best_of_restarts(twenty_clusters):
     X, _ = twenty_clusters
     N = len(X)
     idx = torch.arange(N)
-    alone = [VMFMixture(16, 20, kappa="mle", reinit_centroids=True, nredo=1, seed=r).fit(X, idx, N) for r in range(5)]
+    alone = [VMFMixture(16, 20, kappa_estimator="banerjee", reinit_centroids=True, nredo=1, seed=r).fit(X, idx, N) for r in range(5)]
     best = max(range(5), key=lambda r: alone[r].objective)
     assert best != 0 and alone[best].objective > alone[0].objective + 1e-4
-    five = VMFMixture(16, 20, kappa="mle", reinit_centroids=True, nredo=5, seed=0).fit(X, idx, N)
+    five = VMFMixture(16, 20, kappa_estimator="banerjee", reinit_centroids=True, nredo=5, seed=0).fit(X, idx, N)
     assert five.objective == alone[best].objective
     assert torch.equal(five.centroids, alone[best].centroids)
     five.fit(X, idx, N)                                      # reinit: a new random start, not a warm one
@@ -567,7 +567,7 @@ def test_reinit_keeps_the_merged_k(twenty_clusters):
     X, _ = twenty_clusters
     N = len(X)
     idx = torch.arange(N)
-    mix = VMFMixture(16, 40, kappa="mle", reinit_centroids=True, nredo=2, seed=0).fit(X, idx, N)
+    mix = VMFMixture(16, 40, kappa_estimator="banerjee", reinit_centroids=True, nredo=2, seed=0).fit(X, idx, N)
     merged, _ = mix.merge(merge_lambda=0.0)
     k = mix.centroids.shape[0]
     assert merged > 0 and k < 40
@@ -583,8 +583,8 @@ def test_singleton_cluster_gets_median_kappa():
     X = np.concatenate([sample_vmf(e[0], 50.0, 300, rng), sample_vmf(e[1], 80.0, 300, rng), e[2:3]])
     X = torch.from_numpy(X).float()
     N = len(X)
-    for mode in ("mle", "pca"):
-        mix = with_state(D, e[:3], kappa=mode, pca_dim=6, kmeans_iters=0)  # warm start from the true means
+    for mode in ("banerjee", "pca"):
+        mix = with_state(D, e[:3], kappa_estimator=mode, pca_dim=6, kmeans_iters=0)  # warm start from the true means
         mix.fit(X, torch.arange(N), N)
         assert mix.counts.tolist() == [300, 300, 1]
         assert torch.isfinite(mix.kappa).all()
@@ -603,8 +603,8 @@ def test_duplicate_pair_cluster_does_not_swamp_kappa():
     dup = -means[0]
     X = torch.from_numpy(np.concatenate([np.concatenate([sample_vmf(m, 100.0, 200, rng) for m in means]),
                                          dup[None], dup[None]])).float()
-    for mode in ("mle", "pca"):
-        mix = with_state(D, np.concatenate([means, dup[None]]), kappa=mode, pca_dim=24, kmeans_iters=0)
+    for mode in ("banerjee", "pca"):
+        mix = with_state(D, np.concatenate([means, dup[None]]), kappa_estimator=mode, pca_dim=24, kmeans_iters=0)
         mix.fit(X, torch.arange(len(X)), len(X))
         assert mix.counts[-1] == 2
         assert float(mix.kappa[-1]) <= mix.kappa_clip * float(mix.kappa.median()) * (1 + 1e-6)
@@ -621,7 +621,7 @@ def test_kappa_for_loss_mean_one_then_clipped():
     assert float(k.max()) == 2.0
     mix.kappa_clip = 10.0
     assert abs(float(mix.kappa_for_loss().mean()) - 1) < 1e-6     # no clipping: mean exactly 1
-    const = VMFMixture(4, 2, kappa="const").fit(unit(torch.randn(50, 4)), torch.arange(50), 50)
+    const = VMFMixture(4, 2, kappa_estimator="const").fit(unit(torch.randn(50, 4)), torch.arange(50), 50)
     assert torch.equal(const.kappa, torch.ones(const.centroids.shape[0]))
 
 
@@ -631,7 +631,7 @@ def test_empty_clusters_are_dropped():
     e = np.eye(D)
     X = torch.from_numpy(np.concatenate([sample_vmf(e[i], 50.0, 200, rng) for i in range(3)])).float()
     N = len(X)
-    mix = with_state(D, np.concatenate([e[:3], -e[:1]]), kappa="mle", kmeans_iters=2)  # -e0: nobody's nearest
+    mix = with_state(D, np.concatenate([e[:3], -e[:1]]), kappa_estimator="banerjee", kmeans_iters=2)  # -e0: nobody's nearest
     mix.fit(X, torch.arange(N), N)
     assert mix.centroids.shape[0] == 3 and len(mix.counts) == 3 and len(mix.kappa) == 3
     assert mix.counts.tolist() == [200, 200, 200]
@@ -642,13 +642,13 @@ def test_state_dict_round_trip(twenty_clusters):
     X, drift = twenty_clusters
     N = len(X)
     idx = torch.arange(N)
-    mix = VMFMixture(16, 20, kappa="pca", pca_dim=12, seed=0).fit(X, idx, N)
+    mix = VMFMixture(16, 20, kappa_estimator="pca", pca_dim=12, seed=0).fit(X, idx, N)
     mix.merge(merge_lambda=1.0)
     mix.k_history.append(int(mix.centroids.shape[0]))
     buf = io.BytesIO()
     torch.save({"mixture": mix.state_dict()}, buf)
     buf.seek(0)
-    back = VMFMixture(16, 20, kappa="pca", pca_dim=12, seed=0)
+    back = VMFMixture(16, 20, kappa_estimator="pca", pca_dim=12, seed=0)
     back.load_state_dict(torch.load(buf)["mixture"])         # weights_only load works
     for name in ("centroids", "counts", "kappa"):
         assert torch.equal(getattr(back, name), getattr(mix, name))
@@ -703,7 +703,7 @@ def test_error_nan_features():
 
 def test_error_dim_mismatch_with_saved_state():
     X = unit(torch.randn(60, 16))
-    saved = VMFMixture(16, 4, kappa="mle").fit(X, torch.arange(60), 60).state_dict()
+    saved = VMFMixture(16, 4, kappa_estimator="banerjee").fit(X, torch.arange(60), 60).state_dict()
     with pytest.raises(ValueError) as e:
         VMFMixture(32, 4).load_state_dict(saved)
     msg = one_line(e)
@@ -724,9 +724,9 @@ def test_error_index_outside_the_data_set():
     assert "50" in msg and "0..49" in msg
 
 
-def test_error_unknown_kappa_mode():
-    with pytest.raises(ValueError, match="pca, mle or const"):
-        VMFMixture(8, 4, kappa="median")
+def test_error_unknown_kappa_estimator():
+    with pytest.raises(ValueError, match="pca, banerjee or const"):
+        VMFMixture(8, 4, kappa_estimator="median")
 
 
 # ---------------------------------------------------------------------------- DDP (gloo)
@@ -738,14 +738,14 @@ WORKER = textwrap.dedent("""
 
     def run(X, X2, idx, N):
         out = {{}}
-        m = VMFMixture(X.shape[1], 12, kappa="pca", pca_dim=8, init_iters=30, kmeans_iters=5, seed=0)
+        m = VMFMixture(X.shape[1], 12, kappa_estimator="pca", pca_dim=8, init_iters=30, kmeans_iters=5, seed=0)
         m.fit(X, idx, N)
         out["fit1"] = [m.centroids.clone(), m.counts.clone(), m.kappa.clone(), m.objective, m.n_iter]
         m.fit(X2, idx, N)                                    # warm start on the next epoch's features
         out["fit2"] = [m.centroids.clone(), m.counts.clone(), m.kappa.clone(), m.objective, m.n_iter]
         merged, info = m.merge(merge_lambda=1.0)
         out["merge"] = [merged, info["merge_threshold"], m.centroids.clone(), m.counts.clone(), m.kappa.clone()]
-        b = VMFMixture(X.shape[1], 24, kappa="pca", pca_dim=8, init_iters=30, births=0.25, seed=0)
+        b = VMFMixture(X.shape[1], 24, kappa_estimator="pca", pca_dim=8, init_iters=30, births=0.25, seed=0)
         b.fit(X, idx, N)
         b.fit(X2, idx, N)                                    # births: each rank proposes, all pick the same
         merged, _ = b.merge(merge_rule="views", view_distance=0.05)
@@ -753,7 +753,7 @@ WORKER = textwrap.dedent("""
         out["assign"] = list(m.assign(X2, s=3, tau=0.2)) + [idx]
         t = m.assignment_table(X2, idx, N, s=3, tau=0.2)     # every row, on every rank
         out["table"] = [t.nbr, t.w]
-        r = VMFMixture(X.shape[1], 12, kappa="mle", reinit_centroids=True, nredo=2, init_iters=10, seed=0)
+        r = VMFMixture(X.shape[1], 12, kappa_estimator="banerjee", reinit_centroids=True, nredo=2, init_iters=10, seed=0)
         r.fit(X, idx, N)
         out["reinit"] = [r.centroids.clone(), r.counts.clone(), r.kappa.clone(), r.objective]
         return out

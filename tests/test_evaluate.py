@@ -292,7 +292,7 @@ def tiny_run(tmp_path_factory):
     ds = data.subset(data.load_dataset("fashion-mnist", "", "train", data.eval_transform("fashion-mnist", 8)), 300, 0)
     z = torch.cat([model.embed(data.to_input(x, "fashion-mnist", torch.device("cpu")))
                    for x, _, _ in torch.utils.data.DataLoader(ds, batch_size=150)])
-    mix = VMFMixture(16, 12, kappa="mle", init_iters=5)
+    mix = VMFMixture(16, 12, kappa_estimator="banerjee", init_iters=5)
     mix.fit(z, torch.arange(len(z)), len(z))
     mix.k_history = [12, int(mix.centroids.shape[0])]
     state = model.state_dict() | {"predictor.3.bias": torch.zeros(16)}   # a predictor of another shape: unused

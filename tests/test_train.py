@@ -98,18 +98,18 @@ def test_instance_and_cluster_loss_variants_take_effect(tmp_path):
 
 
 def test_kappa_flags_take_effect(tmp_path):
-    """Table 7: --kappa const makes every kappa 1; eq. 7 (mle) and eq. 16 (pca) fit the same
+    """Table 7: --kappa-estimator const makes every kappa 1; eq. 7 (banerjee) and eq. 16 (pca) fit the same
     first clustering (it comes before any training step) but estimate different kappa."""
-    const = run(tmp_path, "--epochs", "1", "--kappa", "const", name="const")
+    const = run(tmp_path, "--epochs", "1", "--kappa-estimator", "const", name="const")
     mix = torch.load(os.path.join(const, "checkpoint.pth"), weights_only=False)["mixture"]
     assert torch.equal(mix["kappa"], torch.ones(len(mix["centroids"])))
     assert read_log(const)[0]["kappa_min"] == read_log(const)[0]["kappa_max"] == 1.0
     fits = {}
-    for mode in ("mle", "pca"):
-        out = run(tmp_path, "--epochs", "1", "--kappa", mode, "--no-merge", name=mode)
+    for mode in ("banerjee", "pca"):
+        out = run(tmp_path, "--epochs", "1", "--kappa-estimator", mode, "--no-merge", name=mode)
         fits[mode] = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)["mixture"]
-    assert torch.equal(fits["mle"]["centroids"], fits["pca"]["centroids"])
-    assert (fits["mle"]["kappa"] - fits["pca"]["kappa"]).abs().max() > 1.0
+    assert torch.equal(fits["banerjee"]["centroids"], fits["pca"]["centroids"])
+    assert (fits["banerjee"]["kappa"] - fits["pca"]["kappa"]).abs().max() > 1.0
 
 
 def test_cluster_warmup_epochs_train_on_eq_12_alone(tmp_path):
