@@ -31,17 +31,72 @@ from cluster import VMFMixture
 from utils import UserError
 
 
+# Every torchvision classifier (torchvision.models.list_models(module=torchvision.models)),
+# by its family: the module that builds it (torchvision.models.<family>). Each family runs
+# from the smallest --img-size here: below it a pooling layer or an unpadded strided conv
+# (a stem, a patchify, a downsampling) would get an empty feature map. Found with a forward
+# pass at every size from 1 px; tests/test_arch.py checks each classifier at its minimum.
+# torchvision's weights give the same min_size, but 224 for Swin and 33 for EfficientNet-V2
+# (the sizes they were tried at: both run smaller) and 17 for squeezenet1_1.
+MIN_SIZE = {"resnet": 1, "regnet": 1, "efficientnet": 1, "mobilenetv2": 1, "mobilenetv3": 1, "mnasnet": 1,
+            "shufflenetv2": 1,       # padded convs and adaptive pooling only: any size
+            "swin_transformer": 4,   # the 4x4 patchify; later windows and patch merges pad
+            "googlenet": 15, "squeezenet": 21, "densenet": 29, "vgg": 32, "convnext": 32, "alexnet": 63,
+            "inception": 75}         # torchvision's docs: inception_v3 takes at least 75 x 75
+# A ViT's position embedding (image_size) and a MaxViT's attention grid (input_size) are
+# sized when torchvision builds them, at its default 224 px: they run at that size only.
+FIXED_SIZE = {"vision_transformer": 224, "maxvit": 224}
+ARCH_HELP = ("a torchvision classifier: resnet*, resnext*, wide_resnet* (the only ones with --small-stem and --width), "
+             "regnet_*, efficientnet_*, mobilenet_*, mnasnet*, shufflenet_* at any --img-size; from 4 px swin_*, "
+             "15 googlenet, 21 squeezenet*, 29 densenet*, 32 vgg* and convnext_*, 63 alexnet, 75 inception_v3; "
+             "vit_* and maxvit_t at 224 only")
+
+
+def family(arch):
+    """torchvision's module for --arch: resnet (also resnext*, wide_resnet*), vgg, ..."""
+    return torchvision.models.get_model_builder(arch).__module__.rsplit(".", 1)[-1]
+
+
+def is_resnet(arch):
+    """A ResNet, ResNeXt or Wide-ResNet: the networks with --small-stem and --width."""
+    return arch in torchvision.models.list_models(module=torchvision.models) and family(arch) == "resnet"
+
+
+def check_arch(arch, small_stem=False, width=64, img_size=None):
+    """Refuse, in one line (UserError), an --arch this code cannot train with these options:
+    train.py calls it among its flag checks, before any data is loaded; build_backbone again
+    (img_size=None: the size is not checked). Any network takes 1-channel images."""
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise UserError(f"unknown --arch {arch!r}: {ARCH_HELP}")
+    fam = family(arch)
+    if fam not in MIN_SIZE and fam not in FIXED_SIZE:   # a family added to torchvision after this table
+        raise UserError(f"--arch {arch}: torchvision's {fam} networks are untested here; use {ARCH_HELP}")
+    if not is_resnet(arch) and (small_stem or width != 64):
+        raise UserError(f"--arch {arch}: --small-stem and --width are options of the ResNets (resnet*, resnext*, "
+                        "wide_resnet*); drop them (--no-small-stem --width 64) or use --arch resnet18")
+    if img_size is None:
+        return
+    if fam in FIXED_SIZE and img_size != FIXED_SIZE[fam]:
+        raise UserError(f"--arch {arch} runs at --img-size {FIXED_SIZE[fam]} only (torchvision fixes its input size "
+                        f"when it builds it), not {img_size}; for small images use e.g. --arch resnet18 --small-stem")
+    if img_size < MIN_SIZE.get(fam, 1):   # (a fixed size passed above)
+        raise UserError(f"--arch {arch} needs --img-size {MIN_SIZE[fam]} or more, not {img_size} (its feature map "
+                        "would be empty); at any size: resnet* (--small-stem for 28-64 px), regnet_*, efficientnet_*, "
+                        "mobilenet_*, mnasnet*, shufflenet_*")
+
+
 def build_backbone(arch="resnet50", small_stem=False, in_chans=3, width=64):
     """A torchvision classification network (--arch: resnet50, resnet18, convnext_tiny,
-    vit_b_16, ...) without its classifier; returns (module, feature dimension). The
-    classifier, the network's last nn.Linear, becomes an Identity; its place is kept in
-    module.classifier_path, where lincls.py puts its own.
+    vit_b_16, ...; check_arch says which, with which options) without its classifier;
+    returns (module, feature dimension). The classifier, the network's last nn.Linear,
+    becomes an Identity; its place is kept in module.classifier_path, where lincls.py puts
+    its own.
 
     Three options for ResNets (the networks of the paper and the CPU default):
     small_stem: for 28-64 px images (Fashion-MNIST, CIFAR) the ImageNet stem (7x7 conv
     stride 2 + max-pool) throws away 3/4 of a 32 px image before the first block; the usual
     fix (SimCLR's CIFAR recipe, solo-learn) is a 3x3 stride-1 conv and no max-pool.
-    in_chans: 1 for grayscale data, so no channel is replicated three times.
+    in_chans: 1 for grayscale data, so no channel is replicated three times (every network).
     width: channels of the stem and the first stage; the four stages have width x (1, 2, 4,
     8) x the block's expansion, as in torchvision (64) and SimCLR's wider ResNets (128 =
     its "2x"). torchvision builds only 64, so for another width the stem and stages are
@@ -52,21 +107,16 @@ def build_backbone(arch="resnet50", small_stem=False, in_chans=3, width=64):
     included: the last BN of every residual block starts at zero, so each block starts as
     the identity (Goyal et al.; used by MoCo v3 and SimSiam).
     """
-    if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown --arch {arch!r}: a torchvision classification model, e.g. resnet18, resnet50, "
-                         "convnext_tiny, vit_b_16")
+    check_arch(arch, small_stem, width)
     if width < 1:
         raise ValueError(f"--width {width}: the first stage needs at least 1 channel (torchvision: 64)")
-    net = torchvision.models.get_model(arch, weights=None)
+    # GoogLeNet and Inception v3 return a namedtuple with auxiliary classifiers' logits in
+    # training mode unless built without them (init_weights: their current default, said
+    # aloud so that torchvision does not warn)
+    kw = dict(aux_logits=False, init_weights=True) if family(arch) in ("googlenet", "inception") else {}
+    net = torchvision.models.get_model(arch, weights=None, **kw)
     if not isinstance(net, torchvision.models.ResNet):
-        if small_stem or in_chans != 3 or width != 64:
-            raise ValueError(f"--arch {arch}: --small-stem, --width and 1-channel (grayscale) data are options of "
-                             "the ResNets; use --arch resnet18 or resnet50, or 3-channel images (--data folder)")
-        head = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
-        dim = net.get_submodule(head).in_features
-        net.set_submodule(head, nn.Identity())
-        net.classifier_path = head
-        return net, dim
+        return headless(net, in_chans)
     block = type(net.layer1[0])   # BasicBlock (resnet18/34) or Bottleneck (resnet50/101/152)
     if width != 64:
         depth = [len(net.layer1), len(net.layer2), len(net.layer3), len(net.layer4)]
@@ -93,6 +143,38 @@ def build_backbone(arch="resnet50", small_stem=False, in_chans=3, width=64):
     net.fc = nn.Identity()  # the backbone ends at global average pooling: 8 x width x expansion (r18: 512, r50: 2048)
     net.classifier_path = "fc"
     return net, 8 * width * block.expansion
+
+
+def headless(net, in_chans):
+    """build_backbone for a network other than a ResNet: (net without its classifier, the
+    feature dimension), for in_chans-channel images."""
+    for name, m in list(net.named_modules()):
+        # torchvision puts dropout (p > 0) only in its classifiers: with their last Linear
+        # gone it would drop features on their way to the projector, and to the momentum
+        # branch's targets k; MoCo v3 and SimSiam have none there.
+        if isinstance(m, nn.Dropout):
+            net.set_submodule(name, nn.Identity())
+    if isinstance(net, torchvision.models.SqueezeNet):
+        # its classifier is a 1x1 conv to class maps, then average pooling: no Linear. The
+        # features are the pooled maps before it; torchvision's forward flattens them.
+        dim = net.classifier[1].in_channels
+        net.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Identity())
+        head = "classifier.2"
+    else:
+        head = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
+        dim = net.get_submodule(head).in_features
+    net.set_submodule(head, nn.Identity())
+    net.classifier_path = head
+    if in_chans != 3:
+        # The stem is the first conv torchvision registers. Its kernels over the 3 input
+        # channels are summed (and shared out over in_chans): a gray image then gives the
+        # features the torchvision network gives on it repeated thrice, at the same scale
+        # (timm's adapt_input_conv does the same for 1 channel).
+        stem = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+        w = stem.weight.detach().sum(1, keepdim=True)
+        stem.weight = nn.Parameter(w.repeat(1, in_chans, 1, 1) / in_chans)
+        stem.in_channels = in_chans
+    return net, dim
 
 
 def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn):
@@ -225,11 +307,11 @@ class SiamMM(nn.Module):
         with stats:
             return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=1)
 
-
     def export_backbone(self, encoder="online"):
         """The online backbone f (or the momentum f_m) as a state_dict for
-        torchvision.models.<arch>(): every key except fc (load with strict=False and check that
-        only fc.* is missing). evaluate.py --export-backbone writes it."""
+        torchvision.models.<arch>(): every key except the classifier's (fc for a ResNet: load
+        with strict=False and check that only fc.* is missing). evaluate.py --export-backbone
+        writes it."""
         net = self.backbone if encoder == "online" else self.momentum_backbone
         return {k: v.detach().clone() for k, v in net.state_dict().items()}
 

@@ -45,7 +45,7 @@ import run_safety
 import utils
 from cluster import MERGE_RULES, Assignment, VMFMixture
 from loss import CLUSTER_LOSSES, INSTANCE_LOSSES, siammm_loss
-from model import ModelConfig
+from model import ARCH_HELP, ModelConfig, check_arch, is_resnet
 from search import search_backend
 from utils import UserError, autocast
 
@@ -103,7 +103,7 @@ def get_args(argv=None):
     p.add_argument("--rotate", type=float, default=15.0, help="--aug shapes: largest rotation, degrees")
     p.add_argument("--workers", type=int, help="data-loading processes per GPU/process")
     # model (sec. 5.1)
-    p.add_argument("--arch", help="torchvision ResNet: resnet18, resnet50, ...")
+    p.add_argument("--arch", help=ARCH_HELP)
     p.add_argument("--small-stem", action=argparse.BooleanOptionalAction, help="3x3 stride-1 stem, no max-pool (28-64 px images)")
     p.add_argument("--width", type=int, help="channels of the stem and first stage; stages are x1, x2, x4, x8 (torchvision: 64)")
     p.add_argument("--proj-hidden", type=int, help="projector hidden width (paper 4096)")
@@ -169,6 +169,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     args.preset_given = args.preset is not None   # the card's bare command on a GPU says what it runs
     args.preset = args.preset or "cpu"
+    if args.arch and not is_resnet(args.arch):   # the preset's ResNet options are not for another --arch
+        args.small_stem, args.width = bool(args.small_stem), 64 if args.width is None else args.width
     pca_dim_given = args.pca_dim is not None
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
@@ -220,6 +222,10 @@ def check_args(p, args):
         p.error(f"--kappa-clip {args.kappa_clip}: must be at least 1 (kappa is normalised to mean 1, then clipped)")
     if args.feature_batch_size < 2:
         p.error(f"--feature-batch-size {args.feature_batch_size}: must be at least 2 (batch-statistics BN)")
+    try:   # before any data is loaded
+        check_arch(args.arch, args.small_stem, args.width, args.img_size)
+    except UserError as e:
+        p.error(str(e))
     if args.instance_loss == "none" and (args.cluster_warmup_epochs > 0 or args.cluster_weight == 0):
         p.error("--instance-loss none trains on the cluster loss alone ('SiamMM w/o i'): it needs --cluster-weight > 0 "
                 "and no --cluster-warmup-epochs")

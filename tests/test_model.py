@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import model  # noqa: E402
 from model import ModelConfig, build_backbone, mlp  # noqa: E402
-from utils import cosine_schedule  # noqa: E402
+from utils import UserError, cosine_schedule  # noqa: E402
 
 DIM, HID = 16, 32
 
@@ -87,10 +87,11 @@ def test_siammm_backbones_match_torchvision_count():
 
 
 def test_unknown_arch_and_resnet_options_elsewhere_raise():
-    with pytest.raises(ValueError, match="unknown --arch"):
+    """(Every torchvision classifier, 1-channel stems and sizes: tests/test_arch.py.)"""
+    with pytest.raises(UserError, match="unknown --arch"):
         build_backbone("resnet_does_not_exist")
-    for kw in (dict(small_stem=True), dict(width=32), dict(in_chans=1)):   # ResNet options on another network
-        with pytest.raises(ValueError, match="options of the ResNets"):
+    for kw in (dict(small_stem=True), dict(width=32)):   # ResNet options on another network
+        with pytest.raises(UserError, match="options of the ResNets"):
             build_backbone("mobilenet_v3_small", **kw)
 
 
