@@ -475,7 +475,7 @@ class VMFMixture:
         na, nb = self.counts[a].float(), self.counts[b].float()
         mu = self.centroids
         # float32, in place on the gathered copies: float64 temporaries of the ~40k x 256
-        # merged rows took ~0.4 s at K = 100,000
+        # merged rows would cost ~0.4 s at K = 100,000
         merged = mu[a].mul_(na[:, None]).add_(mu[b].mul_(nb[:, None]))
         merged = merged.div_(merged.norm(dim=1, keepdim=True).clamp_(min=1e-12))
         kap = (na * self.kappa[a] + nb * self.kappa[b]) / (na + nb).clamp(min=1)

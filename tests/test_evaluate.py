@@ -440,14 +440,12 @@ def test_mislabel_votes_auto_takes_the_self_knn_up_to_its_limit_only():
     args = ev.get_args(["--backbone", "x.pth", "--no-raw", "--device", "cpu", "--data", "fashion-mnist"])
     args.device, args.img_size = torch.device("cpu"), 16
     assert args.mislabel_votes == "auto"
-    ev.plan(1000, 100, 8, 0, 10, args)
-    assert args.mislabel_votes == "knn"
-    ev.plan(ev.SELF_KNN_MAX + 1, 100, 8, 0, 10, args)
-    assert args.mislabel_votes == "cluster"
+    assert ev.plan(1000, 100, 8, 0, 10, args) == "knn"
+    assert ev.plan(ev.SELF_KNN_MAX + 1, 100, 8, 0, 10, args) == "cluster"
+    assert args.mislabel_votes == "auto"                     # plan says which; the flags stay as given
     args = ev.get_args(["--backbone", "x.pth", "--no-raw", "--mislabel-votes", "knn", "--data", "fashion-mnist"])
     args.device, args.img_size = torch.device("cpu"), 16
-    ev.plan(1000, 100, 8, 0, 10, args)
-    assert args.mislabel_votes == "knn" and args.amp == "none"   # evaluation in fp32 unless asked
+    assert ev.plan(1000, 100, 8, 0, 10, args) == "knn" and args.amp == "none"   # evaluation in fp32 unless asked
 
 
 def test_export_backbone_writes_the_checkpoints_backbone_for_torchvision(tiny_run, tmp_path, capsys):
