@@ -2,6 +2,8 @@
 What keeps a run alive, shared by train.py and lincls.py, so that they can read as their
 papers: none of this is SiamMM. DINO keeps its requeueing in a file of its own as well.
 
+  flags         --out-dir, --resume, --checkpoint-minutes, --stop-after-epoch, --seed,
+                --device, --dist-timeout: the same in both programs (add_run_flags)
   OUT_DIR       a lock (one job per folder), the log cut back to the checkpoint on resume,
                 --resume auto / none / PATH (open_run)
   checkpoints   written atomically (atomic_save), read with one line for a damaged file,

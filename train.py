@@ -17,7 +17,7 @@ Each run lives in its --out-dir (default runs/PRESET). Rerunning the same comman
 from OUT_DIR/checkpoint.pth: after a crash, a kill, a preemption or a job's time limit. A
 SIGTERM or SIGUSR1 (Slurm: preemption, --signal) makes every rank finish its step and save a
 mid-epoch checkpoint first (slurm.sbatch is a recipe for nodes of 8 GPUs). --resume none
-starts afresh in the same folder, discarding what is there.
+starts afresh in the same folder, moving the earlier run's files to OUT_DIR/replaced/.
 
 Each epoch is the paper's training procedure (sec. 5.1), one function per step:
   1. feature pass   the momentum encoder embeds every training image (evaluation view)
@@ -26,7 +26,8 @@ Each epoch is the paper's training procedure (sec. 5.1), one function per step:
                     -> cluster_step() does 1 and 2 (cluster.py holds the mixture)
   3. training       L = L_inst + lambda_c L_clus (eq. 13) -> train_one_epoch()
   4. merging        close clusters merge (eq. 11) -> merge_step()
-and then a checkpoint and one line of log.jsonl (save_checkpoint, log_epoch).
+and then a checkpoint and one line of log.jsonl (save_checkpoint, log_epoch). What keeps a
+run alive (the out-dir lock, resume, signals, divergence checks) is run_safety.py.
 """
 
 import argparse
