@@ -136,7 +136,8 @@ def get_args(argv=None):
     p.add_argument("--init-iters", type=int, default=20, help="Lloyd iterations of the first (and re-initialised) k-means")
     p.add_argument("--feature-bn", default="batch", choices=["batch", "running"],
                    help="BN statistics of the feature pass: each batch's own, as when the momentum branch makes the "
-                        "targets k, or the eval-mode running ones (they collapse the mixture; see SiamMM.embed)")
+                        "targets k, or (an ablation) the eval-mode running ones, which collapse the mixture "
+                        "(SiamMM.embed; bench/RESULTS.md)")
     p.add_argument("--feature-batch-size", type=int, default=256,
                    help="images per batch of the feature pass, per process (the same cut on any number of GPUs)")
     p.add_argument("--reinit-centroids", action="store_true",
@@ -524,9 +525,10 @@ def train(args):
     model, module = utils.distribute(model, args)   # sec. 5.1 / MoCo v3: BN over the global batch
     optimizer = build_optimizer(module.online_parameters(), args)
     scaler = torch.amp.GradScaler("cuda", enabled=args.device.type == "cuda" and args.amp == "fp16")
-    mixture = VMFMixture(args.dim, args.num_clusters, kappa_estimator=args.kappa_estimator, pca_dim=args.pca_dim, init_iters=args.init_iters,
-                         kmeans_iters=args.kmeans_iters, reinit_centroids=args.reinit_centroids, nredo=args.nredo,
-                         kappa_clip=args.kappa_clip, births=args.births, seed=args.seed, device=args.device)
+    mixture = VMFMixture(args.dim, args.num_clusters, kappa_estimator=args.kappa_estimator, pca_dim=args.pca_dim,
+                         init_iters=args.init_iters, kmeans_iters=args.kmeans_iters,
+                         reinit_centroids=args.reinit_centroids, nredo=args.nredo, kappa_clip=args.kappa_clip,
+                         births=args.births, seed=args.seed, device=args.device)
     start_epoch, within = resume(*run_safety.open_run(args, "train.py", {"model", "model_config", "args", "epoch"}),
                                  module, optimizer, scaler, mixture, args)
     checkpoints = run_safety.Checkpoints(args, lambda epoch, steps, within: save_checkpoint(
