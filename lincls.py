@@ -383,7 +383,7 @@ def resume(ckpt, path, model, optimizer, scaler, args):
     if saved.get("source", args.source) != args.source:
         raise UserError(f"cannot resume {path}: it evaluates {saved['source']}, this command {args.source}; "
                         "give another --out-dir")
-    run_safety.check_resumed_flags(ckpt | {"args": saved}, args, path, PROTOCOL_FLAGS, noted=TRAINING_FLAGS)
+    run_safety.check_resumed_flags(ckpt, args, path, PROTOCOL_FLAGS, noted=TRAINING_FLAGS)
     within = run_safety.restore(ckpt, path, model, optimizer, scaler, args)
     return ckpt["epoch"], ckpt["best_top1"], within
 

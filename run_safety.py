@@ -222,7 +222,7 @@ def check_resumed_flags(ckpt, args, path, fixed, noted=None, quiet=()):
     longer --epochs) and the run says which flags differ: those in `noted`, or (None) every
     saved flag but those in `quiet` (where and how the process runs, not what it trains).
     Flags in `fixed` ({name: what it decides}) would make it another run: refused in one line."""
-    saved = ckpt["args"]
+    saved = ckpt.get("args", {})
     for k, what in fixed.items():
         if k in saved and saved[k] != getattr(args, k):
             raise UserError(f"cannot resume {path} with {utils.flag(k)} {getattr(args, k)}: the run has {utils.flag(k)} {saved[k]} "

@@ -369,7 +369,7 @@ def train_one_epoch(model, loader, optimizer, scaler, assignment, epoch, args, t
             run_safety.check_divergence(meter, bar, epoch, i, args, "Lower --lr, or check --tau, --kappa-clip and the data")
             bar.set_postfix(dict(zip(("loss", "inst", "clus"), (f"{v:.4f}" for v in meter.means()[:3]))) | {"lr": f"{lr:.3g}"})
         checkpoints.after_step(i, steps, epoch, bar, args, lambda: run_safety.MidEpoch(   # noqa: B023 (called at once)
-            i + 1, meter.state_dict(), assignment and {k: v.cpu() for k, v in dataclasses.asdict(assignment).items()}))
+            i + 1, meter.state_dict(), assignment and {k: v.cpu() for k, v in vars(assignment).items()}))
     if args.distributed:
         dist.all_reduce(meter.sums)
     times["training"] = time.time() - t0

@@ -8,6 +8,7 @@ specific to SiamMM.
 import argparse
 import datetime
 import hashlib
+import inspect
 import math
 import os
 import random
@@ -80,7 +81,6 @@ def check_keywords(parser, families):
     A function that takes a keyword other than those (a renamed or new flag that was not
     added, or a name that belongs to another flag, e.g. eq. 10's --tau in a loss), or a family
     flag that none of its functions reads, stops the program with one line naming both."""
-    import inspect
     for selector, (registry, passed, flags) in families.items():
         read = set()
         for name, fn in registry.items():
@@ -100,20 +100,18 @@ def check_flags(parser, args, positive=(), non_negative=(), fractions=()):
     """Flags with a valid range, checked before any work starts: `positive` must be > 0,
     `non_negative` >= 0, `fractions` in (0, 1]. NaN fails every check. Each failure is the
     argparse-style line naming the flag."""
-    def name(k):
-        return "--" + k.replace("_", "-")
     for k in positive:
         v = getattr(args, k)
         if v is not None and not v > 0:
-            parser.error(f"{name(k)} {v}: must be positive")
+            parser.error(f"{flag(k)} {v}: must be positive")
     for k in non_negative:
         v = getattr(args, k)
         if v is not None and not v >= 0:
-            parser.error(f"{name(k)} {v}: must be 0 or more")
+            parser.error(f"{flag(k)} {v}: must be 0 or more")
     for k in fractions:
         v = getattr(args, k)
         if v is not None and not 0 < v <= 1:
-            parser.error(f"{name(k)} {v}: must lie in (0, 1]")
+            parser.error(f"{flag(k)} {v}: must lie in (0, 1]")
 
 
 # ----------------------------------------------------------------------------- cost, before a stage runs
